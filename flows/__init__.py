@@ -1,0 +1,1 @@
+"""slimflow's Prefect flows, the pydantic config and the ``slimflow`` CLI."""

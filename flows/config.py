@@ -1,0 +1,181 @@
+"""The one config model: it feeds the CLI, YAML files and the Prefect UI's parameter form.
+
+Every section is frozen and forbids unknown keys, so a typo fails at load time with the valid keys listed.
+Defaults carry their reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The config file is missing, unreadable or invalid: the message says which key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    train: str = Field(description="labelled rows: CSV, TSV, JSONL or Parquet")
+    dev: str | None = Field(None, description="labelled dev rows; split from train (stratified) when absent")
+    test: str | None = Field(None, description="labelled test rows; split from train when absent")
+    unlabelled: str | None = Field(None, description="extra text without labels, same domain (ERNIE Slim)")
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] | None = Field(None, description="label names in order; inferred (sorted) when absent")
+    dev_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of train split off as dev")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of train split off as test")
+    split_seed: int = 0
+    max_chars: int = Field(5000, gt=0, description="longer texts are quarantined: no teacher reads them whole")
+
+
+class ShardConfig(_Section):
+    # 2,000 rows: big enough to amortise task overhead (~50 ms/task), small enough that one edited row
+    # recomputes little and a shard's teacher labelling finishes in well under a minute on a CPU.
+    rows: int = Field(2000, gt=0)
+
+
+class SegmentConfig(_Section):
+    workers: int | None = Field(None, ge=1, description="processes for segmentation; None = all cores")
+
+
+class AugmentConfig(_Section):
+    # Tang et al. 2019, section 3: p_mask = p_pos = 0.1, p_ng = 0.25, n in [1, 5]; n_iter 20 for SST-2.
+    n_iter: int = Field(10, ge=0, description="augmented copies drawn per labelled row (before dedupe)")
+    p_mask: float = Field(0.1, ge=0, le=1, description="per word: replace with [UNK] / the teacher's mask")
+    p_pos: float = Field(0.1, ge=0, le=1, description="per word: replace with a same-POS word")
+    p_ng: float = Field(0.25, ge=0, le=1, description="per copy: keep only a sampled n-gram")
+    ngram: tuple[int, int] = Field((1, 5), description="n range for span: ngram")
+    span: Literal["ngram", "random"] = Field(
+        "ngram", description="ngram: n in `ngram` (Tang et al.); random: length uniform in [1, len] (ERNIE Slim)"
+    )
+    min_count: int = Field(
+        2, ge=1, description="words seen fewer times are not substitution candidates (hapaxes are mostly noise)"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        if self.p_mask + self.p_pos > 1:
+            raise ValueError(f"p_mask + p_pos must be <= 1 (they are exclusive per word), got "
+                             f"{self.p_mask} + {self.p_pos}")
+        lo, hi = self.ngram
+        if not 1 <= lo <= hi:
+            raise ValueError(f"ngram must be [lo, hi] with 1 <= lo <= hi, got {list(self.ngram)}")
+        return self
+
+
+class TeacherConfig(_Section):
+    model: str = Field("default", description="'default' (bundled multilingual-e5-small), a local HF dir or hub id")
+    fit: Literal["head", "finetune", "none"] = Field(
+        "head", description="head: frozen encoder + trained head (CPU default); finetune: full (GPU path); none"
+    )
+    head: Literal["logreg", "mlp"] = "logreg"
+    label_map: dict[str, str] | None = Field(
+        None, description="task label -> model label name, for a checkpoint already fine-tuned (fit: none)"
+    )
+    max_length: int = Field(128, gt=0, description="teacher tokens per text (longer are truncated)")
+    batch_tokens: int = Field(16384, gt=0, description="token budget per batch (rows x padded length)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the CPU/GPU has fast bf16 (AMX/AVX512-BF16, CUDA), else fp32"
+    )
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = all cores")
+    cache_dir: str | None = Field(None, description="converted default teacher; default ~/.cache/slimflow")
+    trust_remote_code: bool = False
+    epochs: int = Field(3, ge=1, description="fit: finetune epochs (early stopping on dev)")
+    lr: float = Field(3e-5, gt=0, description="fit: finetune learning rate")
+
+
+class StudentConfig(_Section):
+    min_count: int = Field(1, ge=1, description="vocabulary: words seen fewer times map to [UNK]")
+    max_vocab: int = Field(50000, gt=0)
+    max_len: int = Field(128, gt=0, description="student tokens per text")
+    embed_dim: int = 128
+    hidden: int = 128
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(2, ge=1, description="epochs without dev improvement before stopping")
+    batch_size: int = 64
+    optimizer: Literal["adadelta", "adam"] = "adam"
+    lr: float | None = Field(None, description="None: 1.0 for AdaDelta (the seeds), 1e-3 for Adam")
+    shuffle_buffer: int = Field(10000, gt=0, description="rows held for shuffling while streaming shards")
+    seed: int = 0
+
+
+class DistillConfig(_Section):
+    loss: Literal["mse", "kl", "ce", "mix"] = Field("mse", description="soft loss on teacher logits (seeds: mse)")
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="mix: alpha*CE(hard) + (1-alpha)*soft")
+    mode: Literal["offline", "online"] = "offline"
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Config(_Section):
+    name: str = Field("run", description="run name: letters, digits, . _ -")
+    lang: Literal["zh", "en"] = Field("zh", description="zh: jieba segmentation + POS; en: spaCy")
+    data: DataConfig
+    shards: ShardConfig = ShardConfig()
+    segment: SegmentConfig = SegmentConfig()
+    augment: AugmentConfig = AugmentConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    students: list[Literal["bow", "cnn", "bilstm"]] = Field(["bow", "bilstm"])
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # The name becomes a directory: no "../", no separators.
+        if not _NAME.match(v) or ".." in v:
+            raise ValueError(f"name {v!r} must be 1-64 letters, digits, '.', '_' or '-' (it names a directory)")
+        return v
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    data = dict(raw.get("data") or {})
+    for key in ("train", "dev", "test", "unlabelled"):
+        v = data.get(key)
+        if isinstance(v, str) and "://" not in v and not os.path.isabs(v):
+            data[key] = str((base / v).resolve())
+    return {**raw, "data": data}
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `slimflow run --help` lists the sections)"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:
+    """Load a YAML config; relative data paths are resolved against the file's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found; pass the path of a YAML file (see README 'Config')")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = _resolve_paths({**raw, **(overrides or {})}, p.parent.resolve())
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(p))) from None
