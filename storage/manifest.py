@@ -90,6 +90,10 @@ def commit_manifest(stage_dir: str, manifest: Manifest, keep: tuple[str, ...] = 
     referenced = {s.path for s in manifest.shards} | {f"{stage_name}/{k}" for k in keep}
     for sub in listdir(stage_dir):
         sub_path = join(stage_dir, sub)
+        if sub.endswith(".parquet"):
+            if f"{stage_name}/{sub}" not in referenced:
+                remove(sub_path)
+            continue
         for name in listdir(sub_path):
             if name.endswith(".parquet") and f"{stage_name}/{sub}/{name}" not in referenced:
                 remove(join(sub_path, name))
