@@ -130,9 +130,9 @@ def _require(path: str, columns: list[str], text_col: str, label_col: str | None
 
 def read_rows(path: str, text_col: str, label_col: str | None) -> RawRows:
     """Read every row of ``path``; ``label_col=None`` for unlabelled text."""
+    fmt = detect_format(path)
     if not exists(path):
         raise InputError(f"{path}: file not found; check the data paths in the config")
-    fmt = detect_format(path)
     data = read_bytes(path)
     if path.lower().endswith(".gz"):
         import gzip

@@ -62,8 +62,7 @@ def write_shard(table: pa.Table, run_dir: str, rel_dir: str, split: str, index: 
     digest = sha256_bytes(data)
     rel = f"{rel_dir}/{split}-{index:05d}-{digest[:12]}.parquet"
     target = join(run_dir, rel)
-    if not exists(target):
-        atomic_write_bytes(target, data)
+    atomic_write_bytes(target, data)  # always: an existing file of that name may be a truncated copy
     return ShardRef(split=split, index=index, path=rel, rows=table.num_rows, bytes=len(data), sha256=digest,
                     inputs=tuple(inputs))
 

@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import build_parser, main
+
+COMMANDS = [["run"], ["ingest"], ["segment"], ["augment"], ["demo"], ["data"], ["data", "export"]]
+
+
+@pytest.mark.parametrize("cmd", [[]] + COMMANDS)
+def test_every_command_explains_itself(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(cmd + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: slimflow") and len(out) > 200
+
+
+def test_help_is_instant_no_heavy_imports():
+    code = "import sys; from flows.cli import build_parser; build_parser(); " \
+           "print(any(m in sys.modules for m in ('torch', 'prefect', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_errors_are_one_line_with_a_fix(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not found" in err and "Traceback" not in err
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: {train: t.csv}\naugment: {n_iters: 3}\nlang: fr\n")
+    assert main(["ingest", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "augment.n_iters: unknown key" in err and "lang" in err and "'zh'" in err
+
+
+def test_data_export_writes_disjoint_splits(tmp_path, capsys):
+    assert main(["data", "export", "en-reviews", "--out", str(tmp_path), "--labelled", "100"]) == 0
+    import csv
+
+    texts = {}
+    for split in ("train", "dev", "test", "unlabelled"):
+        with open(tmp_path / f"{split}.csv", encoding="utf-8") as f:
+            texts[split] = [r["text"] for r in csv.DictReader(f)]
+    assert [len(texts[s]) for s in ("train", "dev", "test")] == [100, 1000, 1000]
+    assert len(texts["unlabelled"]) == 12752 - 2100
+    all_texts = [t for v in texts.values() for t in v]
+    assert len(all_texts) == len(set(all_texts))
