@@ -158,26 +158,23 @@ def augment_rows(ids: list[str], labels: list[str | None], words: list[list[str]
     did_ng = g & (span < pair_len)
     changed = did_mask | did_pos | did_ng
 
-    # 3. strings, built in Arrow: student tokens ([UNK]) and teacher text (mask placeholder, spacing kept).
+    # 3. teacher text of every copy (for dedupe), built in Arrow: mask placeholder, spacing kept.
     itos = [""] * len(vocab)
     for w, i in vocab.items():
         itos[i] = w
-    student_dict = pa.array([UNK] + itos[1:], pa.string())
     teacher_words = [MASK_PLACEHOLDER] + itos[1:]
     teacher_dict = pa.array(teacher_words + [w + " " for w in teacher_words], pa.string())
-    kept_out = out[keep]
-    kept_ws = flat_ws[tok_src][keep]
-    counts = np.bincount(pair_of_tok[keep], minlength=n * k)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    words_col = pa.ListArray.from_arrays(offsets, student_dict.take(pa.array(kept_out)))
-    t_tokens = teacher_dict.take(pa.array(kept_out + kept_ws * len(teacher_words)))
-    text_t = pc.utf8_rtrim_whitespace(pc.binary_join(pa.ListArray.from_arrays(offsets, t_tokens), ""))
+    n_words = len(teacher_words)
+
+    def join(tok_ids: np.ndarray, ws_flags: np.ndarray, counts: np.ndarray) -> pa.Array:
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        tokens = teacher_dict.take(pa.array(tok_ids + ws_flags * n_words))
+        return pc.utf8_rtrim_whitespace(pc.binary_join(pa.ListArray.from_arrays(offsets, tokens), ""))
+
+    text_t = join(out[keep], flat_ws[tok_src][keep], np.bincount(pair_of_tok[keep], minlength=n * k))
 
     # 4. dedupe against the originals and each other, first copy wins.
-    orig_text = pc.utf8_rtrim_whitespace(pc.binary_join(pa.ListArray.from_arrays(
-        pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
-        teacher_dict.take(pa.array(flat_tok + flat_ws * len(teacher_words)))), ""))
-    seen = set(orig_text.to_pylist())
+    seen = set(join(flat_tok, flat_ws, lengths).to_pylist())
     selected = []
     for j, (t, c) in enumerate(zip(text_t.to_pylist(), changed)):
         if c and t and t not in seen:
@@ -185,6 +182,14 @@ def augment_rows(ids: list[str], labels: list[str | None], words: list[list[str]
             selected.append(j)
     sel = np.array(selected, np.int64)
     rows, copies = sel // k, sel % k
+    # 5. student tokens ([UNK] for masks) of the selected copies only.
+    is_sel = np.zeros(n * k, bool)
+    is_sel[sel] = True
+    tok_sel = keep & is_sel[pair_of_tok]
+    student_dict = pa.array([UNK] + itos[1:], pa.string())
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.bincount(pair_of_tok[tok_sel], minlength=n * k)[sel])])
+                       .astype(np.int32))
+    words_col = pa.ListArray.from_arrays(offsets, student_dict.take(pa.array(out[tok_sel])))
     ops = [",".join(o for o, d in zip(OPS, f) if d) for f in zip(did_mask[sel], did_pos[sel], did_ng[sel])]
     return pa.table(
         {
@@ -194,7 +199,7 @@ def augment_rows(ids: list[str], labels: list[str | None], words: list[list[str]
             "aug_copy": pa.array(copies, pa.int16()),
             "label": [labels[r] for r in rows],
             "text_t": text_t.take(pa.array(sel)),
-            "words": words_col.take(pa.array(sel)),
+            "words": words_col,
         },
         schema=AUGMENT,
     )

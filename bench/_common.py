@@ -1,0 +1,67 @@
+"""Shared bench plumbing: machine facts, the results file, a timer, a one-core pin."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+
+
+def goal(name: str, value: float, target: float, higher_is_better: bool) -> dict:
+    met = value >= target if higher_is_better else value <= target
+    return {"name": name, "value": round(float(value), 4), "target": target, "higher_is_better": higher_is_better,
+            "met": bool(met)}
+
+
+def write_results(name: str, goals: list[dict], **extra) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"goals": goals, "machine": machine(), **extra}, f, indent=2, ensure_ascii=False)
+    return path
+
+
+def print_goals(goals: list[dict]) -> None:
+    print(f"\n{'goal':58s} {'value':>10s} {'target':>10s}  met")
+    for g in goals:
+        cmp = ">=" if g["higher_is_better"] else "<="
+        print(f"{g['name']:58s} {g['value']:10.3f} {cmp}{g['target']:9.3f}  {'yes' if g['met'] else 'NO'}")
+
+
+@contextmanager
+def timer(out: dict, key: str):
+    t0 = time.perf_counter()
+    yield
+    out[key] = time.perf_counter() - t0
+
+
+@contextmanager
+def cores(ids: set[int]):
+    """Pin this process (and children it starts) to ``ids``; restore afterwards."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, ids & before or before)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
