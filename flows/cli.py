@@ -74,6 +74,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_rerun(args) -> int:
+    _prefect_defaults()
+    from flows.pipeline import rerun_stages
+
+    report = rerun_stages(os.path.abspath(args.run_dir), args.stage, args.shard)
+    print(_summary(report))
+    return 0
+
+
 def cmd_data_export(args) -> int:
     from tasks.datasets import export_dataset
 
@@ -112,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "it must have completed in the same --out directory.")
         config_args(sp)
         sp.set_defaults(func=cmd_stage)
+
+    sp = sub.add_parser("rerun", help="recompute chosen tasks and everything downstream of them",
+                        description="Recompute the tasks of --stage (only those of the named --shard ids, e.g. "
+                        "train-00003) with their cache refreshed, then every task downstream that reads one of "
+                        "their outputs, up to the last stage the run had completed. Nothing else runs.")
+    sp.add_argument("run_dir", help="a run directory (holds config.json)")
+    sp.add_argument("--stage", required=True, choices=STAGES)
+    sp.add_argument("--shard", nargs="+", metavar="ID", help="shard ids of that stage (default: all of them)")
+    sp.set_defaults(func=cmd_rerun)
 
     sp = sub.add_parser("demo", help="the embedded default end to end on the bundled Chinese reviews",
                         description="Export the bundled zh-reviews (2,000 labelled rows, the rest as unlabelled "

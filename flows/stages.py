@@ -19,10 +19,35 @@ class StageResult:
     seconds: float = 0.0
     rows: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    rerun: dict | None = None  # {"stage", "shards": [ids] | None, "dirty": [sha256]}: see `needs_refresh`
+    refreshed: list[str] = field(default_factory=list)  # sha256 of outputs recomputed by a rerun
 
     def to_dict(self) -> dict:
         return {"stage": self.stage, "executed": self.executed, "cached": self.cached,
-                "seconds": round(self.seconds, 3), "rows": self.rows, **self.extra}
+                "seconds": round(self.seconds, 3), "rows": self.rows, "refreshed": self.refreshed, **self.extra}
+
+
+def _hashes(value: object) -> set[str]:
+    """Every sha256 a task's parameters or result mention (its input and output shards)."""
+    if isinstance(value, dict):
+        out = {value["sha256"]} if isinstance(value.get("sha256"), str) else set()
+        for v in value.values():
+            out |= _hashes(v)
+        return out
+    if isinstance(value, list | tuple):
+        return set().union(*(_hashes(v) for v in value)) if value else set()
+    return set()
+
+
+def needs_refresh(result: StageResult, kwargs: dict) -> bool:
+    """Whether a `slimflow rerun` must recompute this task: it was chosen (its stage, and its shard when shards
+    were named), or it reads an output that the rerun recomputed (everything downstream of a chosen task)."""
+    spec = result.rerun
+    if not spec:
+        return False
+    if spec["stage"] == result.stage and (not spec.get("shards") or kwargs.get("shard") in spec["shards"]):
+        return True
+    return bool(_hashes(kwargs) & set(spec.get("dirty", ())))
 
 
 def _outputs_ok(run_dir: str, result: object) -> bool:
@@ -51,13 +76,18 @@ def run_tasks(task, calls: list[dict], run_dir: str, result: StageResult, desc: 
     with the cache refreshed for that one task, so a stale cache entry is never used.
     """
     t0 = time.perf_counter()
-    futures = [task.submit(**kw) for kw in calls]
+    refresh = [needs_refresh(result, kw) for kw in calls]
+    futures = [(task.with_options(refresh_cache=True) if r else task).submit(**kw) for kw, r in zip(calls, refresh)]
     with _bar(len(futures), desc) as bar:
         for _ in as_completed(futures):
             bar.update()
     results = []
-    for fut, kw in zip(futures, calls):
+    for fut, kw, r in zip(futures, calls, refresh):
         value = fut.result()
+        if r:
+            result.refreshed += sorted(_hashes(value))
+            if result.rerun is not None:
+                result.rerun = {**result.rerun, "dirty": sorted(set(result.rerun.get("dirty", ())) | _hashes(value))}
         if fut.state.name == "Cached":
             if _outputs_ok(run_dir, value):
                 result.cached += 1

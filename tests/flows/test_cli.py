@@ -5,7 +5,7 @@ import pytest
 
 from flows.cli import build_parser, main
 
-COMMANDS = [["run"], ["ingest"], ["segment"], ["augment"], ["demo"], ["data"], ["data", "export"]]
+COMMANDS = [["run"], ["ingest"], ["segment"], ["augment"], ["rerun"], ["demo"], ["data"], ["data", "export"]]
 
 
 @pytest.mark.parametrize("cmd", [[]] + COMMANDS)
