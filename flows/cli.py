@@ -8,12 +8,17 @@ import json
 import os
 import sys
 
-STAGES = ("ingest", "segment", "augment")
+STAGES = ("ingest", "segment", "augment", "teacher", "label", "train", "export", "evaluate")
 
 _STAGE_HELP = {
     "ingest": "read and validate the inputs, quarantine bad rows (ingest/rejects.parquet), split into shards",
     "segment": "words + POS tags per row (jieba for zh, spaCy for en)",
     "augment": "UNK masking, same-POS substitution and n-gram sampling of the labelled train rows",
+    "teacher": "make the teacher ready: frozen encoder + fitted head (CPU default), fine-tune, or as given",
+    "label": "the teacher labels every original, augmented and unlabelled row in large batches",
+    "train": "train each student twice: on the gold labels (baseline) and on the teacher's (distilled)",
+    "export": "export the distilled students to ONNX + TorchScript with vocab, labels and segmentation settings",
+    "evaluate": "teacher vs baseline vs distilled students on the test split: accuracy, F1, MCC, texts/s, size",
 }
 
 
@@ -23,6 +28,12 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
+    # transformers' per-load "Loading weights" bars, one per shard task, drown the stage progress bars.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    # torch.onnx warns about torchvision ops on every export; the students use none of them.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 def _out_dir(args, config) -> str:

@@ -131,6 +131,7 @@ class Config(_Section):
     students: list[Literal["bow", "cnn", "bilstm"]] = Field(["bow", "bilstm"])
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
+    runner: RunnerConfig = Field(default_factory=lambda: RunnerConfig())
 
     @field_validator("name")
     @classmethod
@@ -179,3 +180,34 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Confi
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, str(p))) from None
+
+
+class RunnerConfig(_Section):
+    """Where a stage's shard tasks run. Applied to each stage flow at call time (``flows/runners.py``); it only
+    changes speed, never output: the shards are byte-identical whichever runner wrote them."""
+
+    kind: Literal["thread", "process", "dask"] = Field(
+        "thread", description="thread: one process (default); process: a local process pool; "
+        "dask: a Dask cluster (prefect-dask, `pip install slimflow[dask]`)"
+    )
+    workers: int | None = Field(
+        None, ge=1, description="thread: threads; process: processes; dask: workers of the local cluster "
+        "(None = Prefect's / Dask's default, about one per core)"
+    )
+    # One thread per Dask worker: the shard tasks are CPU-bound Python, so more threads only contend for the GIL.
+    threads_per_worker: int = Field(1, ge=1, description="dask local cluster: threads per worker process")
+    address: str | None = Field(
+        None, description="dask: scheduler address of an existing cluster (tcp://host:8786); None = start a "
+        "local cluster for the run"
+    )
+    gpu: float = Field(
+        0, ge=0, description="dask: units of the `GPU` worker resource each GPU task (teacher fit, labelling) "
+        "asks for; workers must advertise it (`dask worker ... --resources GPU=1`). 0 = no constraint"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RunnerConfig:
+        if self.address is not None and self.kind != "dask":
+            raise ValueError(f"runner.address is only used with kind: dask (kind is {self.kind!r}); "
+                             "remove it or set kind: dask")
+        return self

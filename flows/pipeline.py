@@ -6,6 +6,7 @@ manifest last. The flows only wire stages together; the work is in ``tasks/``.
 
 from __future__ import annotations
 
+import os
 import time
 
 from prefect import flow
@@ -18,10 +19,24 @@ from storage.hashing import fingerprint, sha256_file
 from storage.layout import RunLayout
 from storage.manifest import Manifest, commit_manifest, read_manifest
 from storage.readers import InputError
-from storage.shards import ShardRef
-from tasks.prefect_tasks import augment_task, code_version, ingest_task, pos_table_task, segment_task
+from storage.shards import ShardRef, read_shard
+from tasks.prefect_tasks import (
+    augment_task,
+    code_version,
+    embed_task,
+    evaluate_student_task,
+    evaluate_teacher_task,
+    export_task,
+    fit_teacher_task,
+    ingest_task,
+    label_task,
+    pos_table_task,
+    segment_task,
+    train_task,
+    vocab_task,
+)
 
-PIPELINE = ("ingest", "segment", "augment")
+PIPELINE = ("ingest", "segment", "augment", "teacher", "label", "train", "export", "evaluate")
 
 
 class StageOrderError(RuntimeError):
@@ -114,7 +129,148 @@ def augment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     return result.to_dict()
 
 
-STAGE_FLOWS = {"ingest": ingest_flow, "segment": segment_flow, "augment": augment_flow}
+@flow(name="teacher", flow_run_name="teacher-{config.name}")
+def teacher_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
+    """Step 1: make the teacher ready on the labelled rows (frozen encoder + head, fine-tune, or as given)."""
+    layout = RunLayout(out)
+    seg = require(layout, "segment", "teacher")
+    result = StageResult("teacher", rerun=rerun)
+    t = config.teacher.model_dump(mode="json")
+    labels = seg.extra["labels"]
+    splits = {s: [r.to_dict() for r in seg.split(s)] for s in ("train", "dev", "test")}
+    embeds: list[dict] = []
+    if config.teacher.fit == "head":
+        # Embeddings once per shard, cached like any shard task; the head fit reads them back.
+        calls = [dict(run_dir=out, shard=r["split"] + f"-{r['index']:05d}", ref=r, teacher=t)
+                 for s in ("train", "dev", "test") for r in splits[s]]
+        embeds = run_tasks(embed_task, calls, out, result, "embed")
+        splits = {s: [e for e in embeds if e["split"] == s] for s in ("train", "dev", "test")}
+    (fitted,) = run_tasks(fit_teacher_task, [dict(run_dir=out, teacher=t, labels=labels, **splits)], out, result,
+                          "fit-teacher")
+    meta = fitted["meta"]
+    version = code_version("teacher/fit.py", "teacher/model.py")
+    commit_manifest(layout.stage_dir("teacher"),
+                    Manifest("teacher", fingerprint("teacher", seg.fingerprint, t, version), t, version,
+                             _refs(embeds), extra={"teacher": meta, "files": fitted["files"], "labels": labels}))
+    result.extra = {"teacher": {k: meta.get(k) for k in ("name", "kind", "weights_hash", "metrics")}}
+    return result.to_dict()
+
+
+@flow(name="label", flow_run_name="label-{config.name}")
+def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
+    """Step 2: the teacher labels every original, augmented and unlabelled row, shard by shard."""
+    layout = RunLayout(out)
+    seg = require(layout, "segment", "label")
+    aug = require(layout, "augment", "label")
+    teacher = require(layout, "teacher", "label")
+    result = StageResult("label", rerun=rerun)
+    t = config.teacher.model_dump(mode="json")
+    weights = teacher.extra["teacher"]["weights_hash"]
+    inputs = ([("original", r) for r in seg.split("train")] + [("augmented", r) for r in aug.shards]
+              + [("unlabelled", r) for r in seg.split("unlabelled")])
+    devices = teacher_devices(config.teacher.device)
+    # Shards are dealt to devices round-robin; with one device this is just config.teacher.device.
+    calls = [dict(run_dir=out, shard=f"{kind}-{r.index:05d}", ref=r.to_dict(), kind=kind,
+                  teacher={**t, "device": devices[i % len(devices)]}, weights_hash=weights)
+             for i, (kind, r) in enumerate(inputs)]
+    refs = _refs(run_tasks(label_task, calls, out, result, "label"))
+    version = code_version("teacher/label.py")
+    params = {k: t[k] for k in ("batch_tokens", "dtype", "device")}
+    commit_manifest(layout.stage_dir("label"),
+                    Manifest("label", fingerprint("label", seg.fingerprint, aug.fingerprint, teacher.fingerprint,
+                                                  params, version), params, version, refs,
+                             extra={"teacher": teacher.extra["teacher"]["name"], "weights_hash": weights,
+                                    "labels": teacher.extra["labels"]}))
+    result.rows = {kind: sum(r.rows for r in refs if r.split == kind) for kind in ("original", "augmented",
+                                                                                  "unlabelled")}
+    return result.to_dict()
+
+
+@flow(name="train", flow_run_name="train-{config.name}")
+def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
+    """Step 3: every student kind twice, from the same code: on gold labels (baseline) and on the teacher's."""
+    layout = RunLayout(out)
+    seg = require(layout, "segment", "train")
+    lab = require(layout, "label", "train")
+    result = StageResult("train", rerun=rerun)
+    s = config.student.model_dump(mode="json")
+    (vocab,) = run_tasks(vocab_task, [dict(run_dir=out, refs=[r.to_dict() for r in seg.shards
+                                                               if r.split in ("train", "unlabelled")],
+                                           min_count=s["min_count"], max_size=s["max_vocab"],
+                                           lowercase=config.lang == "en")], out, result, "vocab")
+    data = {"baseline": [r.to_dict() for r in seg.split("train")], "distilled": [r.to_dict() for r in lab.shards]}
+    dev = [r.to_dict() for r in seg.split("dev")]
+    calls = [dict(run_dir=out, kind=kind, mode=mode, train=data[mode], dev=dev, vocab=vocab,
+                  labels=lab.extra["labels"], student=s, distill=config.distill.model_dump(mode="json"), threads=1)
+             for kind in config.students for mode in ("baseline", "distilled")]
+    trained = run_tasks(train_task, calls, out, result, "train")
+    version = code_version("students/train.py", "students/models.py", "students/losses.py")
+    params = {"students": list(config.students), "student": s, "distill": config.distill.model_dump(mode="json")}
+    commit_manifest(layout.stage_dir("train"),
+                    Manifest("train", fingerprint("train", seg.fingerprint, lab.fingerprint, params, version), params,
+                             version, [], extra={"vocab": vocab, "students": trained, "labels": lab.extra["labels"]}))
+    result.extra = {"students": {f"{t['kind']}-{t['mode']}": t["best_dev_accuracy"] for t in trained}}
+    return result.to_dict()
+
+
+@flow(name="export", flow_run_name="export-{config.name}")
+def export_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
+    """Each distilled student as ONNX + TorchScript, with its vocabulary, labels and segmentation settings."""
+    layout = RunLayout(out)
+    tr = require(layout, "train", "export")
+    result = StageResult("export", rerun=rerun)
+    distilled = [t for t in tr.extra["students"] if t["mode"] == "distilled"]
+    exported = run_tasks(export_task, [dict(run_dir=out, kind=t["kind"], trained=t, lang=config.lang)
+                                       for t in distilled], out, result, "export")
+    version = code_version("students/export.py")
+    commit_manifest(layout.stage_dir("export"),
+                    Manifest("export", fingerprint("export", tr.fingerprint, version), {}, version, [],
+                             extra={"students": exported}))
+    result.extra = {"exported": {e["kind"]: e["dir"] for e in exported}}
+    return result.to_dict()
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{config.name}")
+def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
+    """Teacher vs baseline vs distilled students on the test split: accuracy, macro-F1, MCC, texts/s, size."""
+    from tasks.evaluate import SPEED_TEXTS
+
+    layout = RunLayout(out)
+    seg = require(layout, "segment", "evaluate")
+    teacher = require(layout, "teacher", "evaluate")
+    tr = require(layout, "train", "evaluate")
+    result = StageResult("evaluate", rerun=rerun)
+    test = [r.to_dict() for r in seg.split("test")]
+    texts = [t for r in seg.split("test") for t in read_shard(out, r, columns=["text"]).column("text").to_pylist()]
+    texts = texts[:SPEED_TEXTS]
+    (t_speed,) = run_tasks(evaluate_teacher_task, [dict(run_dir=out, teacher=config.teacher.model_dump(mode="json"),
+                                                        weights_hash=teacher.extra["teacher"]["weights_hash"],
+                                                        speed_texts=texts)], out, result, "evaluate-teacher")
+    evals = run_tasks(evaluate_student_task, [dict(run_dir=out, kind=t["kind"], mode=t["mode"], trained=t, test=test,
+                                                   lang=config.lang, speed_texts=texts)
+                                              for t in tr.extra["students"]], out, result, "evaluate")
+    version = code_version("evaluate.py", "students/evaluate.py")
+    commit_manifest(layout.stage_dir("evaluate"),
+                    Manifest("evaluate", fingerprint("evaluate", teacher.fingerprint, tr.fingerprint, version), {},
+                             version, [], extra={"teacher": {**teacher.extra["teacher"].get("metrics", {}).get(
+                                 "test", {}), **t_speed, "name": teacher.extra["teacher"]["name"]},
+                                 "students": evals}))
+    return result.to_dict()
+
+
+STAGE_FLOWS = {"ingest": ingest_flow, "segment": segment_flow, "augment": augment_flow, "teacher": teacher_flow,
+               "label": label_flow, "train": train_flow, "export": export_flow, "evaluate": evaluate_flow}
+
+
+DEVICE_STAGES = ("teacher", "label", "evaluate")
+CPU_STAGES = ("train",)
+
+
+def teacher_devices(device: str) -> list[str]:
+    """Devices the teacher stages spread over: every visible GPU for auto/cuda, else the one named."""
+    from tasks.teacher.label import available_devices
+
+    return available_devices(device)
 
 
 def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None = None) -> dict:
@@ -128,7 +284,15 @@ def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None =
     results = []
     for stage in stages:
         t0 = time.perf_counter()
-        res = STAGE_FLOWS[stage](config=config, out=out, rerun=rerun)
+        stage_flow = STAGE_FLOWS[stage]
+        if stage in DEVICE_STAGES or stage in CPU_STAGES:
+            # One teacher task per device at a time (two on one device only fight over its cores / memory);
+            # single-threaded student trainings, one per core.
+            from prefect.task_runners import ThreadPoolTaskRunner
+
+            n = len(teacher_devices(config.teacher.device)) if stage in DEVICE_STAGES else os.cpu_count() or 1
+            stage_flow = stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=n))
+        res = stage_flow(config=config, out=out, rerun=rerun)
         res["seconds"] = round(time.perf_counter() - t0, 3)
         if rerun is not None:
             rerun = {**rerun, "dirty": sorted(set(rerun.get("dirty", ())) | set(res["refreshed"]))}

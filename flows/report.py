@@ -1,18 +1,22 @@
-"""report.json (the contract in DESIGN.md) and report.md, rebuilt from the committed manifests.
+"""report.json (the contract in DESIGN.md), report.md and a plot, rebuilt from the committed manifests, and
+published as Prefect artifacts (``slimflow-report``, ``slimflow-report-table``).
 
-Row counts come from the manifests on disk, not from what this process happened to run, so the report of a
+Every figure comes from the manifests on disk, not from what this process happened to run, so the report of a
 partial rerun is still the state of the whole run directory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from flows.config import Config
-from storage.fs import atomic_write_text, exists, read_bytes
+from storage.fs import atomic_write_bytes, atomic_write_text, exists, read_bytes
 from storage.layout import RunLayout
 from storage.manifest import read_manifest
+
+log = logging.getLogger(__name__)
 
 
 def _read(layout: RunLayout) -> dict:
@@ -40,37 +44,167 @@ def row_counts(layout: RunLayout) -> dict:
     return rows
 
 
+def gap_recovered(teacher: float | None, baseline: float | None, distilled: float | None) -> float | None:
+    """(distilled - baseline) / (teacher - baseline): the share of the teacher's lead the student closed."""
+    if None in (teacher, baseline, distilled) or teacher <= baseline:
+        return None
+    return (distilled - baseline) / (teacher - baseline)
+
+
+def model_section(layout: RunLayout) -> tuple[dict, dict]:
+    """(teacher, students) as report.json holds them; empty until the stages ran."""
+    teacher: dict = {}
+    t = read_manifest(layout.stage_dir("teacher"))
+    if t:
+        meta = t.extra["teacher"]
+        test = meta.get("metrics", {}).get("test", {})
+        teacher = {"name": meta["name"], "accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1"),
+                   "dev_accuracy": meta.get("metrics", {}).get("dev", {}).get("accuracy"), "qps": None,
+                   "weights_hash": meta["weights_hash"]}
+    students: dict = {}
+    ev = read_manifest(layout.stage_dir("evaluate"))
+    if ev:
+        teacher.update({k: ev.extra["teacher"].get(k) for k in ("qps", "qps_batch1", "params", "size_bytes")})
+        by = {(e["kind"], e["mode"]): e for e in ev.extra["students"]}
+        for kind in dict.fromkeys(k for k, _ in by):
+            b, d = by.get((kind, "baseline"), {}), by.get((kind, "distilled"), {})
+            students[kind] = {
+                "baseline_accuracy": b.get("accuracy"), "distilled_accuracy": d.get("accuracy"),
+                "baseline_macro_f1": b.get("macro_f1"), "macro_f1": d.get("macro_f1"), "mcc": d.get("mcc"),
+                "qps": d.get("qps"), "qps_batch1": d.get("qps_batch1"), "params": d.get("params"),
+                "size_bytes": d.get("size_bytes"),
+                "speedup_vs_teacher": d["qps"] / teacher["qps"] if d.get("qps") and teacher.get("qps") else None,
+                "gap_recovered": gap_recovered(teacher.get("accuracy"), b.get("accuracy"), d.get("accuracy")),
+            }
+    return teacher, students
+
+
 def write_report(layout: RunLayout, config: Config, results: list[dict]) -> dict:
-    """Merge this invocation's stage results into report.json / report.md and return the report."""
+    """Merge this invocation's stage results into report.json / report.md (+ plot, artifacts); return it."""
     report = _read(layout)
     timing = dict(report.get("timing_s", {}))
     by_stage = {}
     for r in results:
         timing[r["stage"]] = r["seconds"]
         by_stage[r["stage"]] = {"executed": r["executed"], "cached": r["cached"]}
+    teacher, students = model_section(layout)
     report.update(
         task=config.name,
         lang=config.lang,
         rows=row_counts(layout),
+        teacher=teacher,
+        students=students,
         timing_s=timing,
         tasks={"executed": sum(v["executed"] for v in by_stage.values()),
                "cached": sum(v["cached"] for v in by_stage.values()), "by_stage": by_stage},
-        stages={r["stage"]: r for r in results} | {k: v for k, v in report.get("stages", {}).items()
-                                                    if k not in by_stage},
+        stages={**report.get("stages", {}), **{r["stage"]: r for r in results}},
         config=config.model_dump(mode="json"),
         updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
+    plot = plot_accuracy_speed(layout, teacher, students)
+    if plot:
+        report["plot"] = "report.png"
     atomic_write_text(layout.report_json, json.dumps(report, indent=2, ensure_ascii=False))
     atomic_write_text(layout.report_md, render_markdown(report))
+    publish_artifacts(report)
     return report
+
+
+def _f(v, fmt=".3f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def results_table(report: dict) -> list[dict]:
+    """One row per model: the table in report.md and in the Prefect artifact."""
+    t = report.get("teacher") or {}
+    rows = []
+    if t:
+        rows.append({"model": f"teacher ({t.get('name')})", "accuracy": t.get("accuracy"),
+                     "macro_f1": t.get("macro_f1"),
+                     "texts_per_s": t.get("qps"), "params": t.get("params"), "speedup": 1.0 if t.get("qps") else None,
+                     "gap_recovered": None})
+    for kind, s in report.get("students", {}).items():
+        rows.append({"model": f"{kind} baseline", "accuracy": s["baseline_accuracy"],
+                     "macro_f1": s["baseline_macro_f1"],
+                     "texts_per_s": None, "params": s["params"], "speedup": None, "gap_recovered": None})
+        rows.append({"model": f"{kind} distilled", "accuracy": s["distilled_accuracy"], "macro_f1": s["macro_f1"],
+                     "texts_per_s": s["qps"], "params": s["params"], "speedup": s["speedup_vs_teacher"],
+                     "gap_recovered": s["gap_recovered"]})
+    return rows
 
 
 def render_markdown(report: dict) -> str:
     rows = report.get("rows", {})
-    lines = [f"# slimflow run `{report.get('task')}`", "",
-             "| rows | count |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in rows.items() if not isinstance(v, dict)]
-    lines += ["", "| stage | executed | cached | seconds |", "|---|---:|---:|---:|"]
+    out = [f"# slimflow run `{report.get('task')}` ({report.get('lang')})", ""]
+    table = results_table(report)
+    if table:
+        out += ["| model | test accuracy | macro-F1 | texts/s (batch 32) | params | x teacher speed | gap recovered |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in table:
+            out.append(f"| {r['model']} | {_f(r['accuracy'])} | {_f(r['macro_f1'])} | {_f(r['texts_per_s'], ',.0f')} | "
+                       f"{_f(r['params'], ',d')} | {_f(r['speedup'], ',.0f')} | {_f(r['gap_recovered'], '.0%')} |")
+        out += ["", "Gap recovered = (distilled - baseline) / (teacher - baseline) accuracy. Speed: raw text in, "
+                "tokenisation included, on this machine's CPU.", ""]
+        if report.get("plot"):
+            out += ["![accuracy against speed](report.png)", ""]
+    out += ["| rows | count |", "|---|---:|"]
+    out += [f"| {k} | {v} |" for k, v in rows.items() if not isinstance(v, dict)]
+    out += ["", "| stage | executed | cached | seconds |", "|---|---:|---:|---:|"]
     for stage, r in report.get("stages", {}).items():
-        lines.append(f"| {stage} | {r['executed']} | {r['cached']} | {r['seconds']:.1f} |")
-    return "\n".join(lines) + "\n"
+        out.append(f"| {stage} | {r['executed']} | {r['cached']} | {r['seconds']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot_accuracy_speed(layout: RunLayout, teacher: dict, students: dict) -> bool:
+    """Accuracy against texts/s (log scale) as report.png; False when there is nothing to plot yet."""
+    points = [("teacher", teacher.get("qps"), teacher.get("accuracy"))] if teacher else []
+    points += [(f"{k} distilled", s["qps"], s["distilled_accuracy"]) for k, s in students.items()]
+    points = [p for p in points if p[1] and p[2] is not None]
+    if len(points) < 2:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no report.png (pip install 'slimflow[report]')")
+        return False
+    import io
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, qps, acc in points:
+        ax.scatter(qps, acc, s=40)
+        ax.annotate(name, (qps, acc), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for k, s in students.items():
+        if s["qps"] and s["baseline_accuracy"] is not None:
+            ax.scatter(s["qps"], s["baseline_accuracy"], marker="x", color="grey")
+            ax.annotate(f"{k} baseline", (s["qps"], s["baseline_accuracy"]), textcoords="offset points",
+                        xytext=(5, -10), fontsize=7, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("texts/s at batch 32 (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy against speed")
+    ax.grid(True, which="both", alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(layout.path("report.png"), buf.getvalue())
+    return True
+
+
+def publish_artifacts(report: dict) -> None:
+    """The table and the markdown as Prefect artifacts, when called inside a flow run (the UI shows them)."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    table = results_table(report)
+    if table:
+        create_table_artifact(key="slimflow-report-table", table=table,
+                              description=f"teacher vs students, run {report.get('task')}")
+    create_markdown_artifact(key="slimflow-report", markdown=render_markdown(report),
+                             description=f"slimflow report, run {report.get('task')}")

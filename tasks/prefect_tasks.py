@@ -75,3 +75,158 @@ def augment_task(run_dir: str, shard: str, ref: dict, table: dict, params: dict)
 
     p = {**params, "ngram": tuple(params["ngram"])}
     return augment_shard(run_dir, ShardRef.from_dict(ref), table, AugmentParams(**p)).to_dict()
+
+
+def _teacher_kwargs(t: dict) -> dict:
+    """The runtime knobs of a teacher config that label/embed functions take (none changes their outputs'
+    meaning; dtype can change the last bits, so it stays in the cache key)."""
+    return {k: t[k] for k in ("device", "dtype", "threads", "batch_tokens", "cache_dir", "trust_remote_code")}
+
+
+def _dir_files(run_dir: str, rel_dir: str) -> list[dict]:
+    """{path, sha256} of every file under ``rel_dir``: lets the flow verify a cached teacher directory."""
+    import os
+
+    from storage.fs import join
+    from storage.hashing import sha256_file
+
+    base = join(run_dir, rel_dir)
+    out = []
+    for root, _, files in os.walk(base):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            out.append({"path": os.path.relpath(full, run_dir), "sha256": sha256_file(full)})
+    return sorted(out, key=lambda f: f["path"])
+
+
+@task(name="embed", task_run_name="embed-{shard}", cache_key_fn=_cache_key(("teacher/fit.py", "teacher/model.py",
+      "teacher/infer.py", "teacher/convert.py")), **_COMMON)
+def embed_task(run_dir: str, shard: str, ref: dict, teacher: dict) -> dict:
+    from tasks.teacher.fit import embed_shard
+
+    r = ShardRef.from_dict(ref)
+    kw = _teacher_kwargs(teacher)
+    return embed_shard(run_dir, r, f"teacher/{r.split}", model=teacher["model"], max_length=teacher["max_length"],
+                       **kw).to_dict()
+
+
+@task(name="fit-teacher", cache_key_fn=_cache_key(("teacher/fit.py", "teacher/model.py", "teacher/infer.py",
+      "teacher/convert.py")), **_COMMON)
+def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list[dict], dev: list[dict],
+                     test: list[dict]) -> dict:
+    """Step 1: the fitted teacher in ``run_dir/teacher/model``; returns teacher.json plus its files' hashes."""
+    from storage.fs import join
+    from tasks.teacher import fit
+
+    refs = {k: [ShardRef.from_dict(r) for r in v] for k, v in (("train", train), ("dev", dev), ("test", test))}
+    out = join(run_dir, "teacher", "model")
+    common = dict(labels=labels, model=teacher["model"], cache_dir=teacher["cache_dir"],
+                  max_length=teacher["max_length"], trust_remote_code=teacher["trust_remote_code"])
+    if teacher["fit"] == "head":
+        meta = fit.fit_head(run_dir, refs["train"], refs["dev"], out, head=teacher["head"], test_refs=refs["test"],
+                            **common)
+    elif teacher["fit"] == "finetune":
+        meta = fit.finetune_teacher(run_dir, refs["train"], refs["dev"], out, test_refs=refs["test"],
+                                    epochs=teacher["epochs"], lr=teacher["lr"], device=teacher["device"],
+                                    dtype=teacher["dtype"], threads=teacher["threads"],
+                                    batch_tokens=teacher["batch_tokens"], **common)
+    else:
+        meta = fit.adopt_pretrained(out, label_map=teacher["label_map"], **common)
+        for split in ("dev", "test"):
+            meta = fit.record_metrics(out, split, fit.evaluate_teacher(
+                run_dir, refs[split], out, **_teacher_kwargs(teacher)))
+    return {"meta": meta, "files": _dir_files(run_dir, "teacher/model")}
+
+
+@task(name="label", task_run_name="label-{shard}", cache_key_fn=_cache_key(("teacher/label.py", "teacher/model.py",
+      "teacher/infer.py")), **_COMMON)
+def label_task(run_dir: str, shard: str, ref: dict, kind: str, teacher: dict, weights_hash: str) -> dict:
+    """Step 2: one shard labelled by the teacher (``weights_hash`` keys the cache on the fitted teacher)."""
+    import dataclasses
+
+    from storage.fs import join
+    from tasks.teacher.label import label_shard
+
+    # The output shard is named by kind ("augmented-00003"), so ids stay unique across the label stage.
+    r = dataclasses.replace(ShardRef.from_dict(ref), split=kind)
+    return label_shard(run_dir, r, kind, join(run_dir, "teacher", "model"), f"label/{kind}",
+                       **_teacher_kwargs(teacher)).to_dict()
+
+
+_STUDENT_CODE = ("students/train.py", "students/models.py", "students/losses.py", "students/data.py",
+                 "students/vocab.py")
+
+
+@task(name="vocab", cache_key_fn=_cache_key(("students/vocab.py",)), **_COMMON)
+def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lowercase: bool) -> dict:
+    """The students' vocabulary over the segmented train + unlabelled words: ``train/vocab.json``."""
+    from storage.fs import join
+    from storage.hashing import sha256_file
+    from tasks.students.vocab import build_vocab_from_shards
+
+    vocab = build_vocab_from_shards(run_dir, [ShardRef.from_dict(r) for r in refs], min_count=min_count,
+                                    max_size=max_size, lowercase=lowercase)
+    path = join(run_dir, "train", "vocab.json")
+    vocab.save(path)
+    return {"path": "train/vocab.json", "sha256": sha256_file(path), "size": len(vocab)}
+
+
+@task(name="train-student", task_run_name="train-{kind}-{mode}", cache_key_fn=_cache_key(_STUDENT_CODE),
+      **_COMMON)
+def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[dict], vocab: dict,
+               labels: list[str], student: dict, distill: dict, threads: int | None = None) -> dict:
+    """Step 3: one student (``baseline`` on gold labels or ``distilled`` on teacher logits), early-stopped on dev.
+
+    Resumes from its last epoch checkpoint when a previous attempt was interrupted.
+    """
+    from storage.fs import join
+    from tasks.students.train import train_student
+    from tasks.students.vocab import Vocab
+
+    rel = f"train/{kind}-{mode}"
+    s = student
+    res = train_student(
+        run_dir, kind=kind, mode=mode, train_refs=[ShardRef.from_dict(r) for r in train],
+        dev_refs=[ShardRef.from_dict(r) for r in dev], vocab=Vocab.load(join(run_dir, vocab["path"])),
+        labels=labels, out_dir=join(run_dir, rel), loss=distill["loss"], temperature=distill["temperature"],
+        alpha=distill["alpha"], embed_dim=s["embed_dim"], hidden=s["hidden"], max_len=s["max_len"],
+        epochs=s["epochs"], patience=s["patience"], batch_size=s["batch_size"], optimizer=s["optimizer"],
+        lr=s["lr"], shuffle_buffer=s["shuffle_buffer"], seed=s["seed"], threads=threads,
+    )
+    best = join(run_dir, rel, "best.pt")
+    from storage.hashing import sha256_file
+
+    keep = ("best_dev_accuracy", "best_epoch", "epochs_run", "history")
+    return {"kind": kind, "mode": mode, "dir": rel, **{k: res.get(k) for k in keep},
+            "best": {"path": f"{rel}/best.pt", "sha256": sha256_file(best)}}
+
+
+@task(name="export-student", task_run_name="export-{kind}", cache_key_fn=_cache_key(("students/export.py",)),
+      **_COMMON)
+def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
+    """A distilled student as ONNX + TorchScript with its vocab, labels and segmentation settings."""
+    from storage.fs import join
+    from tasks.students.export import export_student
+
+    rel = f"export/{kind}"
+    meta = export_student(join(run_dir, trained["dir"]), join(run_dir, rel), lang=lang)
+    return {"kind": kind, "dir": rel, "files": _dir_files(run_dir, rel), "meta": meta}
+
+
+@task(name="evaluate-student", task_run_name="evaluate-{kind}-{mode}",
+      cache_key_fn=_cache_key(_STUDENT_CODE + ("evaluate.py", "students/evaluate.py", "students/export.py")),
+      **_COMMON)
+def evaluate_student_task(run_dir: str, kind: str, mode: str, trained: dict, test: list[dict], lang: str,
+                          speed_texts: list[str]) -> dict:
+    from tasks.evaluate import evaluate_student_run
+
+    return evaluate_student_run(run_dir, trained["dir"], [ShardRef.from_dict(r) for r in test], lang,
+                                speed_texts) | {"kind": kind, "mode": mode}
+
+
+@task(name="evaluate-teacher", cache_key_fn=_cache_key(("evaluate.py", "teacher/label.py", "teacher/model.py",
+      "teacher/infer.py", "students/evaluate.py")), **_COMMON)
+def evaluate_teacher_task(run_dir: str, teacher: dict, weights_hash: str, speed_texts: list[str]) -> dict:
+    from tasks.evaluate import teacher_speed
+
+    return teacher_speed(run_dir, teacher, speed_texts)
