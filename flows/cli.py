@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--test", type=int, default=1000, help="test rows (default 1000)")
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=cmd_data_export)
+
+    from flows.cli_ops import add_ops_commands
+
+    add_ops_commands(sub)
     return p
 
 

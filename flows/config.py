@@ -83,10 +83,12 @@ class TeacherConfig(_Section):
         None, description="task label -> model label name, for a checkpoint already fine-tuned (fit: none)"
     )
     max_length: int = Field(128, gt=0, description="teacher tokens per text (longer are truncated)")
-    batch_tokens: int = Field(16384, gt=0, description="token budget per batch (rows x padded length)")
+    batch_tokens: int = Field(
+        4096, gt=0, description="token budget per batch (rows x padded length): cache-sized on CPU; 16384+ on GPUs"
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 where the CPU/GPU has fast bf16 (AMX/AVX512-BF16, CUDA), else fp32"
+        "auto", description="auto: bf16 on CUDA with bf16 (fp16 on older CUDA) and on CPUs with AMX; else fp32"
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = all cores")
     cache_dir: str | None = Field(None, description="converted default teacher; default ~/.cache/slimflow")

@@ -64,40 +64,38 @@ def build_deployments(config: Config, out: str, name: str, cron: str | None = No
     from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import PIPELINE, STAGE_FLOWS, run_flow
-    from flows.runners import with_runner
 
     if until is not None and until not in PIPELINE:
         raise DeployError(f"--until {until!r} is not a stage; choose one of: {', '.join(PIPELINE)}")
-    # Module entrypoints (flows.pipeline.run_flow): a worker with slimflow installed imports them from any
-    # working directory, where a file path would tie the deployment to this checkout's location.
-    common = dict(entrypoint_type=EntrypointType.MODULE_PATH)
-    schedules = [Cron(cron, timezone=timezone)] if cron else None
+    # Module entrypoints (flows.pipeline.run_flow): the run, served or on a worker, imports the flow from the
+    # installed slimflow in any working directory, where a file path would tie it to this checkout. The task
+    # runner comes from the run's `config.runner` when the pipeline calls each stage (flows/runners.py).
+    common = dict(name=name, entrypoint_type=EntrypointType.MODULE_PATH)
     deployments = [run_flow.to_deployment(
-        name=name, schedules=schedules, parameters=deployment_parameters(config, out, until), tags=TAGS,
+        schedules=[Cron(cron, timezone=timezone)] if cron else None,
+        parameters=deployment_parameters(config, out, until), tags=TAGS,
         description=f"The slimflow pipeline ({' -> '.join(PIPELINE)}) on config {config.name!r}; "
         "`until` stops after that stage.", **common)]
     for stage, stage_flow in STAGE_FLOWS.items():
-        # A served flow runs as the object given here, so the stage deployment keeps the config's runner.
-        # (A worker imports the entrypoint instead and gets the flow's default thread runner.)
-        deployments.append(with_runner(stage_flow, config.runner).to_deployment(
-            name=name, parameters=deployment_parameters(config, out), tags=[*TAGS, f"stage:{stage}"],
+        deployments.append(stage_flow.to_deployment(
+            parameters=deployment_parameters(config, out), tags=[*TAGS, f"stage:{stage}"],
             description=f"Only the {stage} stage of config {config.name!r} (the stage before it must be done).",
             **common))
     return deployments
 
 
 def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = None) -> None:
-    """Serve ``deployments`` from this process until interrupted (Ctrl-C / SIGTERM)."""
+    """Serve ``deployments`` from this process until interrupted (Ctrl-C, SIGTERM); each run is a subprocess
+    that imports its flow by entrypoint."""
     from prefect import serve
 
     _check_server()
-    serve(*deployments, limit=limit, print_starting_message=True)
+    serve(*deployments, limit=limit)
 
 
 def register_deployments(deployments: list[RunnerDeployment], pool: str) -> list:
     """Register ``deployments`` with the process work pool ``pool`` (created when missing) and return their ids;
     a ``prefect worker start --pool POOL`` on a machine with slimflow installed runs them."""
-    from prefect import deploy
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -109,9 +107,12 @@ def register_deployments(deployments: list[RunnerDeployment], pool: str) -> list
             client.create_work_pool(WorkPoolCreate(
                 name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
         except ObjectAlreadyExists:
-            pass  # an existing pool is what we want; its type is checked by `deploy` below
-    return deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
-                  ignore_warnings=True)
+            if (kind := client.read_work_pool(pool).type) != "process":
+                raise DeployError(f"work pool {pool!r} is a {kind!r} pool; slimflow's deployments need a "
+                                  "process pool: pass another --pool name") from None
+    # Each deployment is applied directly rather than through `prefect.deploy`, whose worker query sends
+    # `limit: null` that Prefect 3.8.8's own server rejects (422). Module entrypoints need no code storage.
+    return [d.apply(work_pool_name=pool) for d in deployments]
 
 
 def default_out(config: Config, out: str | None) -> str:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import time
 
-from prefect import flow
+from prefect import flow, tags
 
 from flows.config import Config
 from flows.report import write_report
+from flows.runners import gpu_tasks, shared_cluster, with_runner
 from flows.stages import StageResult, run_tasks
 from storage.fs import atomic_write_text, exists, read_bytes
 from storage.hashing import fingerprint, sha256_file
@@ -143,7 +144,8 @@ def teacher_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
         # Embeddings once per shard, cached like any shard task; the head fit reads them back.
         calls = [dict(run_dir=out, shard=r["split"] + f"-{r['index']:05d}", ref=r, teacher=t)
                  for s in ("train", "dev", "test") for r in splits[s]]
-        embeds = run_tasks(embed_task, calls, out, result, "embed")
+        with gpu_tasks(config.runner):
+            embeds = run_tasks(embed_task, calls, out, result, "embed")
         splits = {s: [e for e in embeds if e["split"] == s] for s in ("train", "dev", "test")}
     (fitted,) = run_tasks(fit_teacher_task, [dict(run_dir=out, teacher=t, labels=labels, **splits)], out, result,
                           "fit-teacher")
@@ -173,7 +175,8 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     calls = [dict(run_dir=out, shard=f"{kind}-{r.index:05d}", ref=r.to_dict(), kind=kind,
                   teacher={**t, "device": devices[i % len(devices)]}, weights_hash=weights)
              for i, (kind, r) in enumerate(inputs)]
-    refs = _refs(run_tasks(label_task, calls, out, result, "label"))
+    with gpu_tasks(config.runner):
+        refs = _refs(run_tasks(label_task, calls, out, result, "label"))
     version = code_version("teacher/label.py")
     params = {k: t[k] for k in ("batch_tokens", "dtype", "device")}
     commit_manifest(layout.stage_dir("label"),
@@ -282,21 +285,25 @@ def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None =
     layout = RunLayout(out)
     atomic_write_text(layout.path("config.json"), config.model_dump_json(indent=1))  # what `rerun` reloads
     results = []
-    for stage in stages:
-        t0 = time.perf_counter()
-        stage_flow = STAGE_FLOWS[stage]
-        if stage in DEVICE_STAGES or stage in CPU_STAGES:
-            # One teacher task per device at a time (two on one device only fight over its cores / memory);
-            # single-threaded student trainings, one per core.
-            from prefect.task_runners import ThreadPoolTaskRunner
+    with shared_cluster(config.runner) as runner:
+        for stage in stages:
+            t0 = time.perf_counter()
+            stage_flow = STAGE_FLOWS[stage]
+            if runner.kind != "thread":
+                stage_flow = with_runner(stage_flow, runner)
+            elif stage in DEVICE_STAGES or stage in CPU_STAGES:
+                # One teacher task per device at a time (two on one device only fight over its cores / memory);
+                # single-threaded student trainings, one per core.
+                from prefect.task_runners import ThreadPoolTaskRunner
 
-            n = len(teacher_devices(config.teacher.device)) if stage in DEVICE_STAGES else os.cpu_count() or 1
-            stage_flow = stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=n))
-        res = stage_flow(config=config, out=out, rerun=rerun)
-        res["seconds"] = round(time.perf_counter() - t0, 3)
-        if rerun is not None:
-            rerun = {**rerun, "dirty": sorted(set(rerun.get("dirty", ())) | set(res["refreshed"]))}
-        results.append(res)
+                n = len(teacher_devices(config.teacher.device)) if stage in DEVICE_STAGES else os.cpu_count() or 1
+                stage_flow = stage_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=n))
+            with tags(f"stage:{stage}"):
+                res = stage_flow(config=config, out=out, rerun=rerun)
+            res["seconds"] = round(time.perf_counter() - t0, 3)
+            if rerun is not None:
+                rerun = {**rerun, "dirty": sorted(set(rerun.get("dirty", ())) | set(res["refreshed"]))}
+            results.append(res)
     return write_report(layout, config, results)
 
 

