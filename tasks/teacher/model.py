@@ -84,10 +84,16 @@ def resolve_dtype(dtype: str, device) -> Any:
 
 
 def set_threads(threads: int | None) -> None:
-    """Torch intra-op threads for this process (None: all cores; torch's default)."""
+    """Torch intra-op threads for this process (None: all cores, torch's default).
+
+    None is applied too: student training in the same process may have left torch at one thread.
+    """
+    import os
+
     import torch
 
-    if threads is not None and torch.get_num_threads() != threads:
+    threads = threads or os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
