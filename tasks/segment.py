@@ -2,11 +2,11 @@
 
 zh: ``jieba.posseg`` (HMM on) tags ~130 reviews/s here, while ``jieba.lcut`` segments ~1,200/s: posseg
 spends its time in a char-level Viterbi over (position x POS) states for the runs of characters its
-dictionary does not know. We segment with ``jieba.lcut`` (the same dictionary route and HMM word finder)
-and take each word's tag from jieba's own dictionary; the remaining out-of-vocabulary words get the tag of
-their first character's dictionary entry (Han) or a class by shape (numbers ``m``, Latin ``eng``, the rest
-``x``, as posseg does). Per character this agrees with ``posseg.cut`` on ~96.6% of the zh review corpus
-(bench/augment.py prints the figure) at ~25x posseg's speed.
+dictionary does not know. We segment with ``jieba.lcut``'s words (the same dictionary route and HMM word
+finder; computed by jieba-rs, see tasks/fastseg.py) and take each word's tag from jieba's own dictionary;
+the remaining out-of-vocabulary words get the tag of their first character's dictionary entry (Han) or a
+class by shape (numbers ``m``, Latin ``eng``, the rest ``x``, as posseg does). Per character this agrees with
+``posseg.cut`` on ~96% of the zh review corpus (bench/augment.py prints the figure), far faster than posseg.
 """
 
 from __future__ import annotations
@@ -58,13 +58,24 @@ def _zh_tag_oov(word: str, table: dict) -> str:
     return "x"
 
 
+def _cut_zh(texts: list[str]) -> list[list[str]]:
+    """``jieba.lcut`` of each text, through jieba-rs (~15-20x faster, same words: tasks/fastseg.py) when it is
+    installed."""
+    from tasks import fastseg
+
+    if fastseg.available():
+        return fastseg.tokenize_zh(texts, keep_whitespace=True)
+    jieba, _ = _jieba()
+    return [jieba.lcut(t) for t in texts]
+
+
 def _segment_zh(texts: list[str]) -> list[tuple[list[str], list[str], list[bool]]]:
-    jieba, table = _jieba()
+    _, table = _jieba()
     out = []
-    for text in texts:
+    for cut in _cut_zh(texts):
         words: list[str] = []
         ws: list[bool] = []
-        for w in jieba.lcut(text):
+        for w in cut:
             if w.isspace():
                 # Whitespace is not a word: remember it on the previous word so text can be rebuilt.
                 if ws:

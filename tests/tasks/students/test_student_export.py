@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from storage.schema import SEGMENT
+from storage.shards import write_shard
+from tasks.students.export import Predictor, export_student, predict_lines
+from tasks.students.train import load_student, train_student
+from tasks.students.vocab import Vocab
+
+KINDS = ["bow", "cnn", "bilstm"]
+LABELS = ["neg", "pos"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """kind -> (train_dir, export_dir): one epoch on a few rows, then exported to ONNX + TorchScript."""
+    root = tmp_path_factory.mktemp("export")
+    rows = [("a", ["很", "好"], "pos"), ("b", ["太", "差"], "neg"), ("c", ["好"], "pos"), ("d", ["差", "了"], "neg")]
+    table = {"id": [r[0] for r in rows], "text": ["".join(r[1]) for r in rows], "label": [r[2] for r in rows],
+             "source_file": ["t"] * 4, "source_row": [1, 2, 3, 4], "words": [r[1] for r in rows],
+             "pos": [["x"] * len(r[1]) for r in rows], "ws": [[False] * len(r[1]) for r in rows]}
+    import pyarrow as pa
+
+    ref = write_shard(pa.table(table), str(root), "segment/train", "train", 0, SEGMENT)
+    vocab = Vocab.build([r[1] for r in rows])
+    out = {}
+    for kind in KINDS:
+        train_dir, export_dir = root / f"train-{kind}", root / f"export-{kind}"
+        train_student(str(root), kind=kind, mode="baseline", train_refs=[ref], dev_refs=[ref], vocab=vocab,
+                      labels=LABELS, out_dir=str(train_dir), embed_dim=8, hidden=8, epochs=1, max_len=16,
+                      threads=1)
+        export_student(str(train_dir), str(export_dir), lang="zh")
+        out[kind] = (str(train_dir), str(export_dir))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_onnx_matches_pytorch_on_new_batch_and_length_sizes(exported, kind):
+    import onnxruntime as ort
+
+    train_dir, export_dir = exported[kind]
+    model, vocab, _, _ = load_student(train_dir)
+    sess = ort.InferenceSession(f"{export_dir}/model.onnx", providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for batch, time in [(1, 1), (5, 3), (33, 40)]:  # the export example was (2, 8)
+        ids = rng.integers(0, len(vocab), (batch, time)).astype(np.int64)
+        lengths = rng.integers(0, time + 1, batch).astype(np.int64)
+        got = sess.run(None, {"ids": ids, "lengths": lengths})[0]
+        with torch.inference_mode():
+            want = model(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_predictor_backends_agree_and_map_text_to_labels(exported, kind):
+    _, export_dir = exported[kind]
+    meta = json.loads(open(f"{export_dir}/student.json").read())
+    assert meta["lang"] == "zh" and meta["max_len"] == 16 and meta["kind"] == kind
+    texts = ["很好", "太差了", "", "好" * 50, "差差", "好差好"]
+    p_onnx = Predictor(export_dir, backend="onnx", batch_size=5, rows_per_call=2)  # steps, sorted sub-calls
+    p_ts = Predictor(export_dir, backend="torchscript", rows_per_call=64)
+    assert p_onnx.backend == "onnx" and Predictor(export_dir).backend == "onnx"  # auto prefers onnxruntime
+    np.testing.assert_allclose(p_onnx.predict_proba(texts), p_ts.predict_proba(texts), atol=1e-5)
+    preds = p_onnx.predict(texts)
+    assert len(preds) == 6 and all(label in LABELS and 0.5 <= conf <= 1.0 for label, conf in preds)
+
+
+def test_predict_lines_writes_one_tsv_line_per_input(exported):
+    _, export_dir = exported["bow"]
+    out = list(predict_lines(export_dir, ["很好\n", "太差\t了\n", "\n"], batch_size=2))
+    assert len(out) == 3
+    cols = [line.split("\t") for line in out]
+    assert [c[0] for c in cols] == ["很好", "太差 了", ""]
+    assert all(len(c) == 3 and c[1] in LABELS and 0.5 <= float(c[2]) <= 1 for c in cols)
+
+
+def test_measure_export_reports_speed_params_and_size(exported):
+    from tasks.students.export import measure_export
+
+    r = measure_export(exported["bow"][1], ["很好", "太差了"] * 20, batch_size=8)
+    assert r["qps"] > 0 and r["backend"] == "onnx" and r["bytes"] > 1000
+    assert r["params"] == sum(p.numel() for p in load_student(exported["bow"][0])[0].parameters())
+
+
+def test_missing_or_partial_export_dir_raises(tmp_path, exported):
+    with pytest.raises(FileNotFoundError, match="not an exported student"):
+        Predictor(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_student(exported["bow"][0], str(tmp_path / "x"), lang="zh", formats=["tflite"])
