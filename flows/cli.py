@@ -94,6 +94,17 @@ def cmd_rerun(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from tasks.students.export import predict_lines
+
+    out = sys.stdout
+    for line in predict_lines(args.model_dir, (raw.rstrip("\r\n") for raw in sys.stdin), batch_size=args.batch_size,
+                              backend=args.backend):
+        out.write(line + "\n")
+    out.flush()
+    return 0
+
+
 def cmd_data_export(args) -> int:
     from tasks.datasets import export_dataset
 
@@ -141,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stage", required=True, choices=STAGES)
     sp.add_argument("--shard", nargs="+", metavar="ID", help="shard ids of that stage (default: all of them)")
     sp.set_defaults(func=cmd_rerun)
+
+    sp = sub.add_parser("predict", help="classify text lines from stdin with an exported student",
+                        description="Read one text per line on stdin, write `text<TAB>label<TAB>confidence` per line "
+                        "on stdout (line k answers line k), like ERNIE Slim's --do_predict. MODEL_DIR is an "
+                        "exported student, e.g. runs/NAME/export/bilstm. Uses onnxruntime when installed.")
+    sp.add_argument("model_dir", help="an export directory (holds student.json)")
+    sp.add_argument("--batch-size", type=int, default=256, help="lines segmented and run per step")
+    sp.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto")
+    sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("demo", help="the embedded default end to end on the bundled Chinese reviews",
                         description="Export the bundled zh-reviews (2,000 labelled rows, the rest as unlabelled "

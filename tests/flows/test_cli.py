@@ -5,7 +5,8 @@ import pytest
 
 from flows.cli import build_parser, main
 
-COMMANDS = [["run"], ["ingest"], ["segment"], ["augment"], ["rerun"], ["demo"], ["data"], ["data", "export"]]
+COMMANDS = [["run"], ["ingest"], ["segment"], ["augment"], ["teacher"], ["label"], ["train"], ["export"],
+            ["evaluate"], ["rerun"], ["predict"], ["demo"], ["deploy"], ["data"], ["data", "export"]]
 
 
 @pytest.mark.parametrize("cmd", [[]] + COMMANDS)
