@@ -102,7 +102,9 @@ class StudentConfig(_Section):
     max_vocab: int = Field(50000, gt=0)
     max_len: int = Field(128, gt=0, description="student tokens per text")
     embed_dim: int = 128
-    hidden: int = 128
+    # 64: the BiLSTM's cost grows with hidden^2 per token, so 64 serves ~4x cheaper than 128 (bench/students.py
+    # measures it against the teacher); with a few thousand labelled rows a wider one has little to gain.
+    hidden: int = 64
     epochs: int = Field(10, ge=1)
     patience: int = Field(2, ge=1, description="epochs without dev improvement before stopping")
     batch_size: int = 64
@@ -116,7 +118,20 @@ class DistillConfig(_Section):
     loss: Literal["mse", "kl", "ce", "mix"] = Field("mse", description="soft loss on teacher logits (seeds: mse)")
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="mix: alpha*CE(hard) + (1-alpha)*soft")
-    mode: Literal["offline", "online"] = "offline"
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: the label stage writes the teacher's labels first; online: the students "
+        "ask a running teacher service (`slimflow teacher serve`) while they train, keeping every answer"
+    )
+    # online only. 4 requests in flight keep the service's batcher fed (it coalesces them) without queueing
+    # much; the seeds use --num_coroutine 10 against a GPU server.
+    concurrency: int = Field(4, ge=1, description="online: requests in flight at once (seeds: --num_coroutine)")
+    server_batch_size: int = Field(
+        64, ge=1, description="online: texts per request (seeds: --server_batch_size); lower it if the service OOMs"
+    )
+    service_url: str = Field("http://127.0.0.1:8500", description="online: the teacher service; its token, if any, "
+                             "comes from the SLIMFLOW_TOKEN environment variable, never from the config")
+    # 5 retries back off 0.5+1+2+4+8 s (jittered): a restarting service (teacher load ~2-10 s) is waited for.
+    retries: int = Field(5, ge=0, description="online: failed attempts of one request before the training fails")
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

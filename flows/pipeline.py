@@ -21,6 +21,7 @@ from storage.layout import RunLayout
 from storage.manifest import Manifest, commit_manifest, read_manifest
 from storage.readers import InputError
 from storage.shards import ShardRef, read_shard
+from tasks.online import find_labelled
 from tasks.prefect_tasks import (
     augment_task,
     code_version,
@@ -31,6 +32,7 @@ from tasks.prefect_tasks import (
     fit_teacher_task,
     ingest_task,
     label_task,
+    online_train_task,
     pos_table_task,
     segment_task,
     train_task,
@@ -49,6 +51,16 @@ def require(layout: RunLayout, stage: str, for_stage: str) -> Manifest:
     if m is None:
         raise StageOrderError(f"{for_stage} needs the {stage} stage of {layout.root}, which has not completed; "
                               f"run `slimflow {stage} CONFIG --out {layout.root}` (or `slimflow run`) first")
+    from storage.shards import shard_ok
+
+    # A committed input that no longer matches its hash (truncated, edited) is never consumed (issue 6): the
+    # stage that wrote it recomputes it (`slimflow run` does so, its cache check sees the bad hash).
+    bad = [r.path for r in m.shards if not shard_ok(layout.root, r)]
+    if bad:
+        raise StageOrderError(f"{for_stage} needs the {stage} stage of {layout.root}, but its shard {bad[0]} "
+                              f"{f'(and {len(bad) - 1} more) ' if len(bad) > 1 else ''}is missing or does not "
+                              f"match its recorded sha256; run `slimflow {stage} CONFIG --out {layout.root}` (or "
+                              "`slimflow run`) to recompute it")
     return m
 
 
@@ -168,15 +180,19 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     result = StageResult("label", rerun=rerun)
     t = config.teacher.model_dump(mode="json")
     weights = teacher.extra["teacher"]["weights_hash"]
-    inputs = ([("original", r) for r in seg.split("train")] + [("augmented", r) for r in aug.shards]
-              + [("unlabelled", r) for r in seg.split("unlabelled")])
+    inputs = _label_inputs(seg, aug)
+    # Shards the teacher service already answered (distill.mode online, issue 6) are used, never asked again.
+    found = {} if rerun else {i: ref for i, (kind, r) in enumerate(inputs)
+                              if (ref := find_labelled(out, kind, r, weights)) is not None}
+    result.cached += len(found)
     devices = teacher_devices(config.teacher.device)
     # Shards are dealt to devices round-robin; with one device this is just config.teacher.device.
     calls = [dict(run_dir=out, shard=f"{kind}-{r.index:05d}", ref=r.to_dict(), kind=kind,
                   teacher={**t, "device": devices[i % len(devices)]}, weights_hash=weights)
-             for i, (kind, r) in enumerate(inputs)]
+             for i, (kind, r) in enumerate(inputs) if i not in found]
     with gpu_tasks(config.runner):
-        refs = _refs(run_tasks(label_task, calls, out, result, "label"))
+        asked = iter(_refs(run_tasks(label_task, calls, out, result, "label")))
+    refs = [found[i] if i in found else next(asked) for i in range(len(inputs))]
     version = code_version("teacher/label.py")
     params = {k: t[k] for k in ("batch_tokens", "dtype", "device")}
     commit_manifest(layout.stage_dir("label"),
@@ -194,7 +210,8 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Step 3: every student kind twice, from the same code: on gold labels (baseline) and on the teacher's."""
     layout = RunLayout(out)
     seg = require(layout, "segment", "train")
-    lab = require(layout, "label", "train")
+    online = config.distill.mode == "online"
+    lab, inputs, weights = _online_source(layout) if online else (require(layout, "label", "train"), [], "")
     result = StageResult("train", rerun=rerun)
     s = config.student.model_dump(mode="json")
     (vocab,) = run_tasks(vocab_task, [dict(run_dir=out, refs=[r.to_dict() for r in seg.shards
@@ -206,7 +223,17 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     calls = [dict(run_dir=out, kind=kind, mode=mode, train=data[mode], dev=dev, vocab=vocab,
                   labels=lab.extra["labels"], student=s, distill=config.distill.model_dump(mode="json"), threads=1)
              for kind in config.students for mode in ("baseline", "distilled")]
+    if online:  # the distilled students ask the teacher service while they train (issue 6)
+        d = config.distill
+        service = {"url": d.service_url, "concurrency": d.concurrency, "server_batch_size": d.server_batch_size,
+                   "retries": d.retries}
+        online_calls = [dict(run_dir=out, kind=c["kind"], inputs=inputs, dev=dev, vocab=vocab, labels=c["labels"],
+                             student=s, distill=c["distill"], weights_hash=weights, service=service, threads=1)
+                        for c in calls if c["mode"] == "distilled"]
+        calls = [c for c in calls if c["mode"] == "baseline"]
     trained = run_tasks(train_task, calls, out, result, "train")
+    if online:
+        trained += run_tasks(online_train_task, online_calls, out, result, "train-online")
     version = code_version("students/train.py", "students/models.py", "students/losses.py")
     params = {"students": list(config.students), "student": s, "distill": config.distill.model_dump(mode="json")}
     commit_manifest(layout.stage_dir("train"),
@@ -261,6 +288,22 @@ def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     return result.to_dict()
 
 
+def _label_inputs(seg: Manifest, aug: Manifest) -> list[tuple[str, ShardRef]]:
+    """What the teacher labels: (kind, input shard) for the original, augmented and unlabelled rows."""
+    return ([("original", r) for r in seg.split("train")] + [("augmented", r) for r in aug.shards]
+            + [("unlabelled", r) for r in seg.split("unlabelled")])
+
+
+def _online_source(layout: RunLayout) -> tuple[Manifest, list[dict], str]:
+    """distill.mode online (issue 6): no label stage; the train stage asks the teacher service for the label
+    stage's inputs. A stand-in for the label manifest (labels, fingerprint), the inputs, the weights hash."""
+    seg, aug, teacher = (require(layout, s, "train") for s in ("segment", "augment", "teacher"))
+    lab = Manifest("label", fingerprint("label-online", seg.fingerprint, aug.fingerprint, teacher.fingerprint), {},
+                   "", [], extra={"labels": teacher.extra["labels"]})
+    inputs = [{"kind": kind, "ref": r.to_dict()} for kind, r in _label_inputs(seg, aug)]
+    return lab, inputs, teacher.extra["teacher"]["weights_hash"]
+
+
 STAGE_FLOWS = {"ingest": ingest_flow, "segment": segment_flow, "augment": augment_flow, "teacher": teacher_flow,
                "label": label_flow, "train": train_flow, "export": export_flow, "evaluate": evaluate_flow}
 
@@ -283,6 +326,8 @@ def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None =
     reads one of their outputs (`slimflow rerun`).
     """
     layout = RunLayout(out)
+    if config.distill.mode == "online":  # the train stage asks the teacher service instead (issue 6)
+        stages = [s for s in stages if s != "label"]
     atomic_write_text(layout.path("config.json"), config.model_dump_json(indent=1))  # what `rerun` reloads
     results = []
     with shared_cluster(config.runner) as runner:

@@ -65,8 +65,9 @@ def load_rows(name: str) -> list[tuple[str, str]]:
     raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
-def split_rows(rows: list[tuple[str, str]], labelled: int, dev: int, test: int, seed: int = 0) -> dict:
-    """Seeded disjoint splits: test, dev, labelled train, and the rest as unlabelled text."""
+def split_rows(rows: list[tuple[str, str]], labelled: int, dev: int, test: int, seed: int = 0,
+               unlabelled: int | None = None) -> dict:
+    """Seeded disjoint splits: test, dev, labelled train, and the rest (at most ``unlabelled``) as unlabelled."""
     need = labelled + dev + test
     if need > len(rows):
         raise ValueError(f"asked for {need} labelled rows (train {labelled} + dev {dev} + test {test}) "
@@ -74,6 +75,8 @@ def split_rows(rows: list[tuple[str, str]], labelled: int, dev: int, test: int, 
     perm = np.random.default_rng(seed).permutation(len(rows))
     cut = np.cumsum([test, dev, labelled])
     parts = np.split(perm, cut)
+    if unlabelled is not None:
+        parts[3] = parts[3][:unlabelled]
     pick = [[rows[i] for i in sorted(p)] for p in parts]  # sorted: file order within each split
     return {"test": pick[0], "dev": pick[1], "train": pick[2], "unlabelled": pick[3]}
 
@@ -87,9 +90,11 @@ def _write_csv(path: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) 
 
 
 def export_dataset(name: str, out_dir: str, labelled: int = 2000, dev: int = 1000, test: int = 1000,
-                   seed: int = 0) -> dict[str, str]:
-    """Write ``train.csv``, ``dev.csv``, ``test.csv`` (text,label) and ``unlabelled.csv`` (text) to ``out_dir``."""
-    splits = split_rows(load_rows(name), labelled, dev, test, seed)
+                   seed: int = 0, unlabelled: int | None = None) -> dict[str, str]:
+    """Write ``train.csv``, ``dev.csv``, ``test.csv`` (text,label) and ``unlabelled.csv`` (text) to ``out_dir``.
+
+    ``unlabelled`` caps the unlabelled rows (default: all the rest)."""
+    splits = split_rows(load_rows(name), labelled, dev, test, seed, unlabelled)
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     for split, rows in splits.items():
