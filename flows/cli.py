@@ -190,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_data_export)
 
     from flows.cli_ops import add_ops_commands
+    from flows.cli_teacher import add_teacher_commands
 
     add_ops_commands(sub)
+    add_teacher_commands(sub)  # `teacher serve CONFIG` beside the `teacher CONFIG` stage
     return p
 
 

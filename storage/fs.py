@@ -7,6 +7,7 @@ atomic). Object stores have no rename, but a single PUT is already all-or-nothin
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import tempfile
@@ -98,8 +99,47 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only, a file where a folder should be): names the path."""
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space (or choose another --out), then rerun to resume",
+    errno.EDQUOT: "the disk quota is exceeded: free some space (or choose another --out), then rerun to resume",
+    errno.EACCES: "permission denied: make the folder writable or choose another --out",
+    errno.EPERM: "permission denied: make the folder writable or choose another --out",
+    errno.EROFS: "the filesystem is read-only: choose another --out",
+    errno.EEXIST: "a file is in the way where a folder is needed: choose another --out",
+    errno.ENOTDIR: "a file is in the way where a folder is needed: choose another --out",
+}
+
+
+def _write_error(path: str, e: OSError) -> WriteError:
+    reason = _WRITE_HINTS.get(e.errno or -1, e.strerror or str(e))
+    where = ""
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent != os.path.dirname(parent) and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        where = f" ({parent} is a file)" if os.path.isfile(parent) else ""
+    return WriteError(e.errno, f"cannot write {path}{where}: {reason}")
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one.
+
+    An ``OSError`` (disk full, read-only, a file where a folder should be) is raised as :class:`WriteError`
+    naming ``path`` and how to fix it; the temporary file is removed and the old ``path`` stays as it was.
+    """
+    try:
+        _atomic_write_bytes(path, data)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise _write_error(path, e) from e
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
     if not is_local(path):
         fs, p = fs_for(path)
         parent = posixpath.dirname(p)

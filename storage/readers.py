@@ -21,6 +21,8 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", 
 
 BAD_BYTES = "undecodable bytes (not UTF-8)"
 BAD_JSON = "line is not valid JSON"
+NOT_TEXT = "text is not a string"
+NOT_LABEL = "label is not a single value"
 
 
 class InputError(ValueError):
@@ -100,15 +102,37 @@ def _read_jsonl(path: str, data: bytes, text_col: str, label_col: str | None) ->
         n_obj += 1
         if n_obj == 1:
             _require(path, list(obj), text_col, label_col)
-        t = obj.get(text_col)
-        text.append(t if isinstance(t, str) or t is None else str(t))
-        labels.append(obj.get(label_col) if label_col else None)
+        t, lab = _cell_text(obj.get(text_col)), obj.get(label_col) if label_col else None
+        text.append(t)
+        labels.append(lab)
         rows.append(i)
-        bad.append(BAD_BYTES if lossy else None)
+        bad.append(BAD_BYTES if lossy else _cell_problem(obj.get(text_col), lab))
     return RawRows(path, text, labels, rows, bad)
 
 
+def _cell_text(value: object) -> str | None:
+    """A text cell as a string: numbers are written out; lists, dicts and bytes are not text (see _cell_problem)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return _decode(bytes(value))[0]
+    if isinstance(value, bool | int | float):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, default=str)  # kept for rejects.parquet, never ingested
+
+
+def _cell_problem(text: object, label: object) -> str | None:
+    if isinstance(text, bytes | bytearray) and _decode(bytes(text))[1]:
+        return BAD_BYTES
+    if text is not None and not isinstance(text, str | bytes | bytearray | bool | int | float):
+        return f"{NOT_TEXT} (got {type(text).__name__})"
+    if isinstance(label, list | dict | tuple):
+        return f"{NOT_LABEL} (got {type(label).__name__})"
+    return None
+
+
 def _read_parquet(path: str, data: bytes, text_col: str, label_col: str | None) -> RawRows:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -116,9 +140,14 @@ def _read_parquet(path: str, data: bytes, text_col: str, label_col: str | None) 
     except Exception as e:
         raise InputError(f"{path}: not a readable Parquet file ({e})") from e
     _require(path, table.column_names, text_col, label_col)
-    text = [t if isinstance(t, str) or t is None else str(t) for t in table.column(text_col).to_pylist()]
-    labels = table.column(label_col).to_pylist() if label_col else [None] * len(text)
-    return RawRows(path, text, labels, list(range(1, len(text) + 1)), [None] * len(text))
+    col = table.column(text_col)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        # Parquet does not validate UTF-8: read the bytes and decode them here, so bad rows are quarantined.
+        col = col.cast(pa.large_binary())
+    raw = col.to_pylist()
+    labels = table.column(label_col).to_pylist() if label_col else [None] * len(raw)
+    problems = [_cell_problem(t, lab) for t, lab in zip(raw, labels)]
+    return RawRows(path, [_cell_text(t) for t in raw], labels, list(range(1, len(raw) + 1)), problems)
 
 
 def _require(path: str, columns: list[str], text_col: str, label_col: str | None) -> None:

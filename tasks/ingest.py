@@ -24,7 +24,8 @@ from storage.shards import ShardRef, table_to_parquet_bytes, write_shard
 # Lower number wins when the same text appears twice: the test set is fixed, so a training copy of a
 # test text is the one quarantined (otherwise the test set leaks into training).
 _PRIORITY = {"test": 0, "dev": 1, "train": 2, "unlabelled": 3}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# U+E000 is storage.schema.MASK_PLACEHOLDER: in user text it would reach the teacher as its mask token.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ue000]")
 _SPACES = re.compile(r"\s+")
 
 
@@ -45,7 +46,8 @@ class IngestParams:
 
 
 def normalise_text(text: str) -> str:
-    """NFC, a leading BOM dropped, control characters and line breaks as spaces, runs of space folded."""
+    """NFC, a leading BOM dropped, control characters, line breaks and the mask placeholder as spaces, runs of
+    space folded."""
     text = unicodedata.normalize("NFC", text).lstrip("\ufeff")
     return _SPACES.sub(" ", _CONTROL.sub(" ", text)).strip()
 

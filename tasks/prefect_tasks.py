@@ -27,7 +27,7 @@ def code_version(*modules: str) -> str:
 
 
 # Parameters that change how fast a task runs, never what it writes: kept out of the cache key.
-_NOT_IN_KEY = frozenset({"workers", "shard"})
+_NOT_IN_KEY = frozenset({"workers", "shard", "service"})  # service: where the online teacher answers, not what
 
 
 def _cache_key(modules: tuple[str, ...]):
@@ -179,6 +179,30 @@ def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[
 
     Resumes from its last epoch checkpoint when a previous attempt was interrupted.
     """
+    return _train_student(run_dir, kind, mode, [ShardRef.from_dict(r) for r in train], dev, vocab, labels, student,
+                          distill, threads)
+
+
+@task(name="train-student-online", task_run_name="train-{kind}-{mode}-online",
+      cache_key_fn=_cache_key(_STUDENT_CODE + ("online.py",)), **_COMMON)
+def online_train_task(run_dir: str, kind: str, inputs: list[dict], dev: list[dict], vocab: dict,
+                      labels: list[str], student: dict, distill: dict, weights_hash: str, service: dict,
+                      threads: int | None = None) -> dict:
+    """Step 3, online (issue 6): a distilled student whose LABELLED shards the teacher service answers while it
+    trains (``tasks/online.py``); ``inputs`` are ``{"kind", "ref"}`` input shards. Every answer is kept as a
+    label shard, so a retry (the service was down too long) resumes without asking again."""
+    from tasks.online import OnlineLabeller, TeacherClient
+
+    pairs = [(i["kind"], ShardRef.from_dict(i["ref"])) for i in inputs]
+    with TeacherClient(service["url"], concurrency=service["concurrency"],
+                       server_batch_size=service["server_batch_size"], retries=service["retries"]) as client, \
+            OnlineLabeller(run_dir, pairs, client, weights_hash=weights_hash, labels=labels) as labeller:
+        return _train_student(run_dir, kind, "distilled", labeller.refs(), dev, vocab, labels, student, distill,
+                              threads)
+
+
+def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: list[dict], vocab: dict,
+                   labels: list[str], student: dict, distill: dict, threads: int | None) -> dict:
     from storage.fs import join
     from tasks.students.train import train_student
     from tasks.students.vocab import Vocab
@@ -186,7 +210,7 @@ def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[
     rel = f"train/{kind}-{mode}"
     s = student
     res = train_student(
-        run_dir, kind=kind, mode=mode, train_refs=[ShardRef.from_dict(r) for r in train],
+        run_dir, kind=kind, mode=mode, train_refs=train_refs,
         dev_refs=[ShardRef.from_dict(r) for r in dev], vocab=Vocab.load(join(run_dir, vocab["path"])),
         labels=labels, out_dir=join(run_dir, rel), loss=distill["loss"], temperature=distill["temperature"],
         alpha=distill["alpha"], embed_dim=s["embed_dim"], hidden=s["hidden"], max_len=s["max_len"],

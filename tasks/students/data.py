@@ -72,6 +72,10 @@ class ShardStream:
                              f"{self.labels}; re-run ingest with data.labels listing it") from None
 
     def _rows(self, ref: ShardRef) -> Iterator[_Row]:
+        # A lazy ref (tasks/online.py: labelled by the teacher service on first use) becomes a ShardRef here,
+        # so the first epoch reads a shard as soon as it is labelled; anything with `rows` + `sha256` works.
+        resolve = getattr(ref, "resolve", None)
+        ref = resolve() if resolve is not None else ref
         distilled = self.mode == "distilled"
         cols = ["id", "words", "label"] + (["kind", "logits", "label_t"] if distilled else [])
         table = read_shard(self.run_dir, ref, columns=None if not distilled else cols)

@@ -10,6 +10,14 @@ How a shard runs (``run_batched``):
 3. The main thread copies each batch to the device (``non_blocking`` from pinned memory), runs it under
    ``torch.inference_mode`` and scatters the float32 outputs back to the rows' input positions.
 4. An out-of-memory error splits the batch in half and retries each half (down to one row), logging it.
+5. A transient failure (``is_transient``: ``TransientTeacherError``, ``OSError`` -- connection resets and
+   timeouts included -- or a device fault: a ``RuntimeError`` naming CUDA / cuDNN / cuBLAS / NCCL / HIP / MPS)
+   retries the same batch up to ``retries`` times with exponential backoff, then propagates.
+   Task-level retries alone cannot carry a shard of many batches through a flaky teacher: with a 20 % batch
+   failure rate, all of 10 batches succeed only 0.8**10 = 11 % of the time per attempt (issue 6).
+   Programming and configuration errors propagate at once: retrying them only repeats them (``TypeError``,
+   ``ValueError``, ``KeyError``, ``IndexError``, ``AssertionError``, and other ``RuntimeError`` s such as a
+   shape mismatch from a ``max_length`` beyond the model's positions).
 
 Sorting by length keeps padding small (bench/label.py reports the waste); the budget keeps activation
 memory flat whatever the lengths, so one setting fits short tweets and long reviews.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +38,29 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 OomHook = Callable[[int, int], bool]  # (rows, padded_len) -> True to simulate an out-of-memory error
+FailHook = Callable[[int], bool]  # (batch_index) -> True to simulate a transient failure of that attempt
+
+# A remote or flaky teacher (a network blip, a pre-empted device) recovers within a second or two; three
+# retries at 0.5 s, 1 s, 2 s bound the wait on a truly broken batch to ~3.5 s before the error surfaces.
+BATCH_RETRIES = 3
+RETRY_DELAY_S = 0.5
+
+
+class TransientTeacherError(RuntimeError):
+    """A teacher forward that may succeed when retried (raise it from a custom ``fn`` to ask for a retry)."""
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a failed forward is worth retrying as is: not an OOM (that splits) nor a programming error."""
+    if is_oom(e):
+        return False
+    if isinstance(e, TransientTeacherError | OSError):
+        return True
+    return type(e) is RuntimeError and _DEVICE_FAULT.search(str(e)) is not None
+
+
+# torch reports device faults (a lost GPU, an NCCL timeout, a driver hiccup) as a plain RuntimeError.
+_DEVICE_FAULT = re.compile(r"CUDA error|cuDNN|CUBLAS|cuBLAS|NCCL|HIP error|MPS backend|device-side", re.IGNORECASE)
 
 
 @dataclass
@@ -40,6 +72,7 @@ class BatchStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     oom_splits: int = 0
+    retries: int = 0  # failed forward attempts that were retried
     seconds: float = 0.0
 
     @property
@@ -139,11 +172,17 @@ class _Producer(threading.Thread):
 def run_batched(texts: Sequence[str], encode: Callable[[list[str]], list[list[int]]],
                 fn: Callable, out_dim: int, *, batch_tokens: int, device, pad_id: int,
                 window_rows: int = 512, pin: bool | None = None, oom: OomHook | None = None,
+                fail: FailHook | None = None, retries: int = BATCH_RETRIES, retry_delay: float = RETRY_DELAY_S,
                 stats: BatchStats | None = None) -> np.ndarray:
     """``fn(input_ids, attention_mask) -> [B, out_dim]`` over all ``texts``; float32 rows in input order.
 
-    ``encode`` turns texts into token id lists. ``oom`` lets a test force out-of-memory errors.
+    ``encode`` turns texts into token id lists. ``oom`` lets a test force out-of-memory errors; ``fail`` forces
+    transient failures (``TransientTeacherError``), retried like real ones: up to ``retries`` times per batch,
+    ``retry_delay`` seconds doubling each time, then the last error propagates.
     """
+    if retries < 0 or retry_delay < 0:
+        raise ValueError(f"retries and retry_delay must be >= 0, got {retries} and {retry_delay}")
+    retry = _Retry(fail, retries, retry_delay)
 
     stats = stats if stats is not None else BatchStats()
     n = len(texts)
@@ -157,6 +196,7 @@ def run_batched(texts: Sequence[str], encode: Callable[[list[str]], list[list[in
     producer = _Producer(texts, encode, order, window_rows, batch_tokens, pad_id, pin)
     producer.start()
     try:
+        batch_index = 0
         while True:
             item = producer.q.get()
             if item is None:
@@ -164,7 +204,8 @@ def run_batched(texts: Sequence[str], encode: Callable[[list[str]], list[list[in
             if isinstance(item, BaseException):
                 raise item
             rows, input_ids, mask = item
-            y = _forward_split(fn, input_ids, mask, device, oom, stats)
+            y = _forward_split(fn, input_ids, mask, device, oom, stats, retry, batch_index)
+            batch_index += 1
             if done[rows].any():
                 raise AssertionError("a row was scheduled twice")
             out[rows] = y
@@ -180,17 +221,48 @@ def run_batched(texts: Sequence[str], encode: Callable[[list[str]], list[list[in
     return out
 
 
-def _forward_split(fn, input_ids, mask, device, oom: OomHook | None, stats: BatchStats) -> np.ndarray:
+@dataclass(frozen=True)
+class _Retry:
+    fail: FailHook | None
+    retries: int
+    delay: float
+
+
+def _forward(fn, input_ids, mask, device, oom: OomHook | None, stats: BatchStats, retry: _Retry,
+             batch_index: int) -> np.ndarray:
+    """One batch's forward, retried on transient errors; OOM and programming errors propagate at once."""
+    import torch
+
+    rows, width = input_ids.shape
+    for attempt in range(retry.retries + 1):
+        try:
+            if oom is not None and oom(rows, width):
+                raise RuntimeError(f"out of memory (injected for a batch of {rows} x {width})")
+            if retry.fail is not None and retry.fail(batch_index):
+                raise TransientTeacherError(f"teacher failure (injected for batch {batch_index})")
+            x = input_ids.to(device, non_blocking=True)
+            m = mask.to(device, non_blocking=True)
+            with torch.inference_mode():
+                return fn(x, m).float().cpu().numpy()
+        except Exception as e:
+            if attempt == retry.retries or not is_transient(e):
+                raise
+            stats.retries += 1
+            wait = retry.delay * 2**attempt
+            log.warning("teacher batch %d (%d x %d) failed (%s: %s); retry %d of %d in %.1f s", batch_index, rows,
+                        width, type(e).__name__, e, attempt + 1, retry.retries, wait)
+            if wait:
+                time.sleep(wait)  # backoff for a flaky device or service, not synchronisation
+    raise AssertionError("unreachable")
+
+
+def _forward_split(fn, input_ids, mask, device, oom: OomHook | None, stats: BatchStats, retry: _Retry,
+                   batch_index: int) -> np.ndarray:
     import torch
 
     rows, width = input_ids.shape
     try:
-        if oom is not None and oom(rows, width):
-            raise RuntimeError(f"out of memory (injected for a batch of {rows} x {width})")
-        x = input_ids.to(device, non_blocking=True)
-        m = mask.to(device, non_blocking=True)
-        with torch.inference_mode():
-            y = fn(x, m).float().cpu().numpy()
+        y = _forward(fn, input_ids, mask, device, oom, stats, retry, batch_index)
     except Exception as e:
         if not is_oom(e):
             raise
@@ -208,7 +280,8 @@ def _forward_split(fn, input_ids, mask, device, oom: OomHook | None, stats: Batc
         for sl in (slice(0, half), slice(half, rows)):
             m_part = mask[sl]
             w = int(m_part.sum(1).max())  # the half may need less padding than the whole
-            parts.append(_forward_split(fn, input_ids[sl, :w], m_part[:, :w], device, oom, stats))
+            parts.append(_forward_split(fn, input_ids[sl, :w], m_part[:, :w], device, oom, stats, retry,
+                                        batch_index))
         return np.concatenate(parts)
     stats.batches.append((rows, width))
     stats.padded_tokens += rows * width

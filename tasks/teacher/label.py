@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from storage.schema import AUGMENT, LABELLED, SEGMENT
 from storage.shards import ShardRef, read_shard, write_shard
-from tasks.teacher.infer import BatchStats, OomHook, run_batched
+from tasks.teacher.infer import BATCH_RETRIES, RETRY_DELAY_S, BatchStats, FailHook, OomHook, run_batched
 from tasks.teacher.model import Teacher, TeacherError, load_teacher
 
 KINDS = ("original", "augmented", "unlabelled")
@@ -30,11 +30,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def label_texts(teacher: Teacher, texts: Sequence[str], *, batch_tokens: int = 16384,
-                oom: OomHook | None = None, stats: BatchStats | None = None) -> np.ndarray:
-    """[N, len(teacher.labels)] float32 logits for ``texts`` (``MASK_PLACEHOLDER`` -> the mask token)."""
+                oom: OomHook | None = None, fail: FailHook | None = None, retries: int = BATCH_RETRIES,
+                retry_delay: float = RETRY_DELAY_S, stats: BatchStats | None = None) -> np.ndarray:
+    """[N, len(teacher.labels)] float32 logits for ``texts`` (``MASK_PLACEHOLDER`` -> the mask token).
+
+    A failed batch is retried ``retries`` times (``tasks.teacher.infer.run_batched``); ``fail`` injects failures.
+    """
     return run_batched(list(texts), teacher.encode, teacher.logits, len(teacher.labels),
                        batch_tokens=batch_tokens, device=teacher.device, pad_id=teacher.pad_id, oom=oom,
-                       stats=stats)
+                       fail=fail, retries=retries, retry_delay=retry_delay, stats=stats)
 
 
 def _input_columns(table: pa.Table, kind: str) -> tuple[pa.Array, pa.Array, pa.Array]:
@@ -50,12 +54,12 @@ def _input_columns(table: pa.Table, kind: str) -> tuple[pa.Array, pa.Array, pa.A
 
 
 def label_table(teacher: Teacher, table: pa.Table, kind: str, *, batch_tokens: int = 16384,
-                oom: OomHook | None = None, stats: BatchStats | None = None) -> pa.Table:
+                oom: OomHook | None = None, stats: BatchStats | None = None, **retry) -> pa.Table:
     """The LABELLED table for one input table (see ``label_shard``)."""
     if kind not in KINDS:
         raise TeacherError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
     ids, source_ids, texts = _input_columns(table, kind)
-    logits = label_texts(teacher, texts.to_pylist(), batch_tokens=batch_tokens, oom=oom, stats=stats)
+    logits = label_texts(teacher, texts.to_pylist(), batch_tokens=batch_tokens, oom=oom, stats=stats, **retry)
     probs = softmax(logits) if len(logits) else logits
     hard = logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
     names = np.asarray(teacher.labels, dtype=object)
@@ -79,7 +83,9 @@ def label_table(teacher: Teacher, table: pa.Table, kind: str, *, batch_tokens: i
 def label_shard(run_dir: str, in_ref: ShardRef, kind: str, teacher_dir: str, out_rel_dir: str, *,
                 batch_tokens: int = 16384, device: str = "auto", dtype: str = "auto", threads: int | None = None,
                 max_length: int | None = None, cache_dir: str | None = None, trust_remote_code: bool = False,
-                oom: OomHook | None = None, on_stats: Callable[[BatchStats], None] | None = None) -> ShardRef:
+                oom: OomHook | None = None, on_stats: Callable[[BatchStats], None] | None = None,
+                fail: FailHook | None = None, retries: int = BATCH_RETRIES,
+                retry_delay: float = RETRY_DELAY_S) -> ShardRef:
     """Label one shard with the fitted teacher in ``teacher_dir``; write it under ``out_rel_dir``.
 
     ``kind``: ``original`` / ``unlabelled`` read ``storage.schema.SEGMENT`` rows (``text``); ``augmented``
@@ -87,13 +93,16 @@ def label_shard(run_dir: str, in_ref: ShardRef, kind: str, teacher_dir: str, out
     the input's split and index (so use one ``out_rel_dir`` per kind, e.g. ``label/augmented``) and
     records the input shard's hash and the teacher's weights hash as its inputs. The teacher stays loaded
     between calls in one process. ``oom`` forces out-of-memory errors (tests); ``on_stats`` receives the
-    batching figures (rows, forward passes, padding waste, OOM splits, seconds).
+    batching figures (rows, forward passes, padding waste, OOM splits, retries, seconds). A failed batch is
+    retried ``retries`` times with backoff from ``retry_delay`` s before the error propagates; ``fail`` forces
+    transient failures (tests).
     """
     teacher = load_teacher(teacher_dir, device=device, dtype=dtype, threads=threads, max_length=max_length,
                            cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     table = read_shard(run_dir, in_ref)
     stats = BatchStats()
-    out = label_table(teacher, table, kind, batch_tokens=batch_tokens, oom=oom, stats=stats)
+    out = label_table(teacher, table, kind, batch_tokens=batch_tokens, oom=oom, stats=stats, fail=fail,
+                      retries=retries, retry_delay=retry_delay)
     if on_stats is not None:
         on_stats(stats)
     return write_shard(out, run_dir, out_rel_dir, in_ref.split, in_ref.index, LABELLED,
