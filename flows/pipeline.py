@@ -154,7 +154,10 @@ def teacher_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     embeds: list[dict] = []
     if config.teacher.fit == "head":
         # Embeddings once per shard, cached like any shard task; the head fit reads them back.
-        calls = [dict(run_dir=out, shard=r["split"] + f"-{r['index']:05d}", ref=r, teacher=t)
+        # Only what changes the embeddings keys them: a new head or fit setting reuses them.
+        enc = {k: t[k] for k in ("model", "max_length", "device", "dtype", "threads", "batch_tokens", "cache_dir",
+                                 "trust_remote_code")}
+        calls = [dict(run_dir=out, shard=r["split"] + f"-{r['index']:05d}", ref=r, teacher=enc)
                  for s in ("train", "dev", "test") for r in splits[s]]
         with gpu_tasks(config.runner):
             embeds = run_tasks(embed_task, calls, out, result, "embed")
