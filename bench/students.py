@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.config import StudentConfig  # noqa: E402
-from tasks.students import fastseg  # noqa: E402
+from tasks import fastseg  # noqa: E402
 from tasks.students.evaluate import measure_throughput, size_on_disk  # noqa: E402
 from tasks.students.export import Predictor, export_model, tokenize  # noqa: E402
 from tasks.students.models import build_student  # noqa: E402
