@@ -41,9 +41,12 @@ def _out_dir(args, config) -> str:
 
 
 def _summary(report: dict) -> str:
+    from flows.report import render_table
+
     t = report["tasks"]
     rows = ", ".join(f"{k} {v}" for k, v in report["rows"].items() if not isinstance(v, dict))
-    return f"rows: {rows}\ntasks: {t['executed']} executed, {t['cached']} cached"
+    table = render_table(report)
+    return (f"\n{table}\n" if table else "") + f"rows: {rows}\ntasks: {t['executed']} executed, {t['cached']} cached"
 
 
 def cmd_run(args) -> int:

@@ -133,18 +133,26 @@ def results_table(report: dict) -> list[dict]:
     return rows
 
 
+def render_table(report: dict) -> str:
+    """The teacher / students table in markdown (empty before the evaluate stage)."""
+    table = results_table(report)
+    if not table:
+        return ""
+    out = ["| model | test accuracy | macro-F1 | texts/s (batch 32) | params | x teacher speed | gap recovered |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        out.append(f"| {r['model']} | {_f(r['accuracy'])} | {_f(r['macro_f1'])} | {_f(r['texts_per_s'], ',.0f')} | "
+                   f"{_f(r['params'], ',d')} | {_f(r['speedup'], ',.0f')} | {_f(r['gap_recovered'], '.0%')} |")
+    return "\n".join(out)
+
+
 def render_markdown(report: dict) -> str:
     rows = report.get("rows", {})
     out = [f"# slimflow run `{report.get('task')}` ({report.get('lang')})", ""]
-    table = results_table(report)
+    table = render_table(report)
     if table:
-        out += ["| model | test accuracy | macro-F1 | texts/s (batch 32) | params | x teacher speed | gap recovered |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in table:
-            out.append(f"| {r['model']} | {_f(r['accuracy'])} | {_f(r['macro_f1'])} | {_f(r['texts_per_s'], ',.0f')} | "
-                       f"{_f(r['params'], ',d')} | {_f(r['speedup'], ',.0f')} | {_f(r['gap_recovered'], '.0%')} |")
-        out += ["", "Gap recovered = (distilled - baseline) / (teacher - baseline) accuracy. Speed: raw text in, "
-                "tokenisation included, on this machine's CPU.", ""]
+        out += [table, "", "Gap recovered = (distilled - baseline) / (teacher - baseline) accuracy. Speed: raw text "
+                "in, tokenisation included, on this machine's CPU.", ""]
         if report.get("plot"):
             out += ["![accuracy against speed](report.png)", ""]
     out += ["| rows | count |", "|---|---:|"]
