@@ -65,3 +65,31 @@ def cores(ids: set[int]):
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+@contextmanager
+def teacher_service(teacher_dir: str, port: int, cwd: str, **serve_kwargs):
+    """``tasks.service.serve`` in a subprocess on loopback; yields (url, process) once /healthz answers."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    kw = "".join(f", {k}={v!r}" for k, v in serve_kwargs.items())
+    code = f"from tasks.service import serve; serve({teacher_dir!r}, port={port}, log_level='warning'{kw})"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the teacher service on port {port} did not start") from None
+                time.sleep(0.1)  # polling interval while the model loads
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

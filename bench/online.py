@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import goal, print_goals, write_results  # noqa: E402
+from bench._common import goal, print_goals, teacher_service, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -81,20 +80,7 @@ def main() -> None:
     off = train_student(out, train_refs=off_refs, out_dir=join(out, "bench-train-offline"), **common)
     off_s = time.perf_counter() - t0
 
-    port = 8571
-    code = (f"from tasks.service import serve; serve({tdir!r}, port={port}, log_level='warning', device='cpu', "
-            "threads=2)")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None, "service did not start"
-                time.sleep(0.1)
+    with teacher_service(tdir, 8571, ROOT, device="cpu", threads=2) as (url, _):
         t0 = time.perf_counter()
         with TeacherClient(url, concurrency=4, server_batch_size=64) as client, \
                 OnlineLabeller(out, inputs, client, weights_hash=weights, labels=labels) as labeller:
@@ -102,9 +88,6 @@ def main() -> None:
             waited = labeller.waited_s
         on_s = time.perf_counter() - t0
         stats = httpx.get(f"{url}/v1/stats").json()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     test = seg.split("test")
     acc_off = evaluate_student(out, test, join(out, "bench-train-offline"))["accuracy"]
     acc_on = evaluate_student(out, test, join(out, "bench-train-online"))["accuracy"]

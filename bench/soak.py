@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "tasks" / "teacher"))
 
-from bench._common import goal, print_goals, write_results  # noqa: E402
+from bench._common import goal, print_goals, teacher_service, write_results  # noqa: E402
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -49,20 +48,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-soak-")
     tdir = f"{tmp}/teacher"
     adopt_pretrained(tdir, labels=LABELS, model=build_seqcls_dir(f"{tmp}/tiny"))
-    port = 8572
-    code = (f"from tasks.service import serve; serve({tdir!r}, port={port}, log_level='warning', device='cpu', "
-            "dtype='fp32', threads=1)")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None, "service did not start"
-                time.sleep(0.1)
+    with teacher_service(tdir, 8572, ROOT, device="cpu", dtype="fp32", threads=1) as (url, proc):
         pool = random_texts(2000, seed=1, hi=40)
         for _ in range(50):  # warm-up: allocator and caches settle before the first RSS reading
             httpx.post(f"{url}/v1/logits", json={"texts": pool[:16]})
@@ -96,9 +82,6 @@ def main() -> None:
         wall = time.perf_counter() - t0
         rss_end, peak_end = rss_mb(proc.pid)
         stats = httpx.get(f"{url}/v1/stats").json()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     lat.sort()
     p50, p99 = lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
     growth = (peak_end - peak_start) / peak_start * 100
