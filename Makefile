@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.slimflow-setup
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-deps lint bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+# The Prefect-server tests run against a real PostgreSQL too: Debian's package, installed when missing.
+test-deps:
+	bash scripts/ci-postgres.sh
+
+test: setup lint test-deps
 	$(PY) -m pytest -q
 
 bench: setup
