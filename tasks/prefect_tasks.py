@@ -15,7 +15,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from storage.hashing import fingerprint, hash_source_files
-from storage.shards import ShardRef
+from storage.shards import CorruptShardError, ShardRef
 
 _ROOT = Path(__file__).resolve().parent.parent
 _STORAGE = [_ROOT / "storage" / n for n in ("schema.py", "shards.py", "readers.py")]
@@ -40,9 +40,16 @@ def _cache_key(modules: tuple[str, ...]):
     return key
 
 
-# Retries are for transient failures (a flaky filesystem, a pre-empted worker); a deterministic error
-# fails the same way three times, which costs seconds, not a silent skip.
-_COMMON = dict(persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=[2, 10])
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may pass next time (a flaky filesystem, a pre-empted worker). A user mistake or a corrupt
+    input (InputError and TeacherError are ValueErrors; CorruptShardError) fails the same way every time:
+    retrying would only delay the one-line error."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return not isinstance(exc, ValueError | TypeError | KeyError | CorruptShardError)
+
+
+_COMMON = dict(persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=[2, 10],
+               retry_condition_fn=_transient)
 
 
 @task(name="ingest", cache_key_fn=_cache_key(("ingest.py",)), **_COMMON)

@@ -137,3 +137,19 @@ def test_rerun_one_shard_recomputes_it_and_its_dependents_only(tmp_path):
 
     with pytest.raises(ValueError, match="no shard train-00099"):
         rerun_stages(out, "segment", ["train-00099"])
+
+
+def test_user_errors_are_not_retried(tmp_path):
+    """A missing column fails the same way every time: one attempt, then the one-line error."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from storage.readers import InputError
+
+    path = _write(tmp_path / "t.csv", [("a", "x"), ("b", "y")], header=("body", "label"))
+    cfg = Config(name="no-retry", lang="zh", data={"train": path})
+    with pytest.raises(InputError, match="column 'text' not found"):
+        run_flow(config=cfg, out=str(tmp_path / "run"), until="ingest")
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["ingest-no-retry"])))
+    assert [r.run_count for r in runs] == [1]
