@@ -248,6 +248,15 @@ class Teacher:
     # tasks sharing this teacher in a threaded task runner): one tokenising call at a time.
     _tok_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __post_init__(self) -> None:
+        # A max_length past the model's positions would fail deep inside the forward with a shape error.
+        cfg = getattr(self.model, "config", None)
+        positions = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            # RoBERTa-style models start position ids after padding_idx
+            roberta = getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert")
+            self.max_length = min(self.max_length, positions - ((cfg.pad_token_id or 0) + 1 if roberta else 0))
+
     @property
     def mask_token(self) -> str:
         tok = self.tokenizer
