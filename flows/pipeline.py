@@ -194,7 +194,7 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
                   teacher={**t, "device": devices[i % len(devices)]}, weights_hash=weights)
              for i, (kind, r) in enumerate(inputs) if i not in found]
     with gpu_tasks(config.runner):
-        asked = iter(_refs(run_tasks(label_task, calls, out, result, "label")))
+        asked = iter(_refs(run_tasks(label_task, calls, out, result, "label", progress_key="slimflow-label-progress")))
     refs = [found[i] if i in found else next(asked) for i in range(len(inputs))]
     version = code_version("teacher/label.py")
     params = {k: t[k] for k in ("batch_tokens", "dtype", "device")}

@@ -69,7 +69,8 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, disable=total == 0, leave=False)
 
 
-def run_tasks(task, calls: list[dict], run_dir: str, result: StageResult, desc: str) -> list:
+def run_tasks(task, calls: list[dict], run_dir: str, result: StageResult, desc: str,
+              progress_key: str | None = None) -> list:
     """Submit ``task`` once per kwargs in ``calls``; return results in call order.
 
     A cache hit whose output files are gone or altered (a deleted run dir, a truncated shard) is recomputed
@@ -78,9 +79,17 @@ def run_tasks(task, calls: list[dict], run_dir: str, result: StageResult, desc: 
     t0 = time.perf_counter()
     refresh = [needs_refresh(result, kw) for kw in calls]
     futures = [(task.with_options(refresh_cache=True) if r else task).submit(**kw) for kw, r in zip(calls, refresh)]
+    artifact = None
+    if progress_key and futures:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        # The UI shows the share of shards done while a long stage (labelling) runs.
+        artifact = create_progress_artifact(0.0, key=progress_key, description=f"{desc}: shards done (%)")
     with _bar(len(futures), desc) as bar:
-        for _ in as_completed(futures):
+        for done, _ in enumerate(as_completed(futures), start=1):
             bar.update()
+            if artifact is not None:
+                update_progress_artifact(artifact, 100.0 * done / len(futures))
     results = []
     for fut, kw, r in zip(futures, calls, refresh):
         value = fut.result()
