@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "teacher"))
-from teacher_fixtures import LABELS, build_seqcls_dir, random_texts, write_augment, write_segment  # noqa: E402
+from teacher_fixtures import LABELS, fitted_teacher_dir, random_texts, write_augment, write_segment  # noqa: E402
 
 from storage.schema import LABELLED  # noqa: E402
 from storage.shards import read_shard  # noqa: E402
@@ -61,12 +61,7 @@ class ServiceProcess:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    from tasks.teacher.fit import adopt_pretrained
-
-    model = build_seqcls_dir(tmp_path_factory.mktemp("tiny-bert"))
-    d = str(tmp_path_factory.mktemp("teacher"))
-    adopt_pretrained(d, labels=LABELS, model=model)
-    return d
+    return fitted_teacher_dir(tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "teacher"))
-from teacher_fixtures import LABELS, build_seqcls_dir, random_texts  # noqa: E402
+from teacher_fixtures import LABELS, fitted_teacher_dir, random_texts  # noqa: E402
 
 from tasks.service import Limits, ServiceError, check_bind, create_app  # noqa: E402
 
@@ -50,12 +50,7 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    from tasks.teacher.fit import adopt_pretrained
-
-    model = build_seqcls_dir(tmp_path_factory.mktemp("tiny-bert"))
-    d = str(tmp_path_factory.mktemp("teacher"))
-    adopt_pretrained(d, labels=LABELS, model=model)
-    return d
+    return fitted_teacher_dir(tmp_path_factory.mktemp("teacher"))
 
 
 def _serve(teacher_dir, **kw):

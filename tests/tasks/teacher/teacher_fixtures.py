@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
 from storage.schema import AUGMENT, MASK_PLACEHOLDER, SEGMENT
@@ -72,3 +74,12 @@ def write_augment(run_dir, texts, split="train", index=0):
         "text_t": texts, "words": [t.replace(MASK_PLACEHOLDER, "[UNK]").split() for t in texts],
     })
     return write_shard(t, str(run_dir), "augment/train", split, index, AUGMENT)
+
+
+def fitted_teacher_dir(root) -> str:
+    """A fitted teacher directory (`fit: none` on the tiny random BERT) under ``root``, ready for label_texts."""
+    from tasks.teacher.fit import adopt_pretrained
+
+    d = str(Path(root) / "teacher")
+    adopt_pretrained(d, labels=LABELS, model=build_seqcls_dir(Path(root) / "tiny-bert"))
+    return d
