@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from tasks.students.vocab import Vocab
 # train_student in a task) stays cheap.
 
 OPTIMIZERS = ("adadelta", "adam")
+_INIT_LOCK = threading.Lock()
 DEFAULT_LR = {"adadelta": 1.0, "adam": 1e-3}  # adadelta: lr 1.0, rho 0.95 as the seeds (PaddleNLP distill)
 CKPT_FORMAT = 2  # 2: optimizer state is a list (dense part, sparse embedding part)
 
@@ -181,8 +183,9 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
     model_config = {"kind": kind, "vocab_size": len(vocab), "num_classes": len(labels), "embed_dim": embed_dim,
                     "hidden": hidden, "dropout": dropout, "max_len": max_len, "lowercase": vocab.lowercase}
 
-    torch.manual_seed(seed)
-    model = student_class(kind)(len(vocab), len(labels), embed_dim=embed_dim, hidden=hidden, dropout=dropout)
+    with _INIT_LOCK:  # torch's RNG is process-wide: two trainings in one thread runner would interleave draws
+        torch.manual_seed(seed)
+        model = student_class(kind)(len(vocab), len(labels), embed_dim=embed_dim, hidden=hidden, dropout=dropout)
     opt = _Optimizer(optimizer, model, lr)
     history: list[dict] = []
     start_epoch = 0

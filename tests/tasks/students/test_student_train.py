@@ -51,6 +51,19 @@ def test_training_is_deterministic(data, tmp_path):
     assert r3["params"]["seed"] == 4
 
 
+def test_trainings_in_concurrent_threads_get_their_seeded_weights(data, tmp_path):
+    # The thread runner trains students side by side in one process; torch's RNG is process-wide, so an
+    # unguarded seed + init in one thread would draw from another's sequence.
+    from concurrent.futures import ThreadPoolExecutor
+
+    kw = {"kind": "bow", "mode": "baseline", "epochs": 1, "dropout": 0.0, "embed_dim": 256}
+    _train(data, tmp_path / "alone", **kw)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda k: _train(data, tmp_path / f"t{k}", **kw), range(4)))
+    for k in range(4):
+        assert _same(_weights(tmp_path / "alone"), _weights(tmp_path / f"t{k}"))
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(data, tmp_path):
     full = _train(data, tmp_path / "full")
 
