@@ -100,7 +100,13 @@ class TeacherConfig(_Section):
 class StudentConfig(_Section):
     min_count: int = Field(1, ge=1, description="vocabulary: words seen fewer times map to [UNK]")
     max_vocab: int = Field(50000, gt=0)
-    max_len: int = Field(128, gt=0, description="student tokens per text")
+    max_len: int = Field(128, gt=0, description="student words per text")
+    # The BOW serves >1,000x the teacher only without a segmenter: segmenting costs more than the BOW itself
+    # (bench/students.py). Characters + bigrams carry what a bag of Chinese words does.
+    char_students: list[str] = Field(
+        ["bow"], description="lang zh: student kinds that read characters and character bigrams instead of "
+        "segmented words (no segmenter when serving); [] for words everywhere. lang en always reads words")
+    max_chars: int = Field(256, gt=0, description="characters per text read by char_students (then their bigrams)")
     embed_dim: int = 128
     # 64: the BiLSTM's cost grows with hidden^2 per token, so 64 serves ~4x cheaper than 128 (bench/students.py
     # measures it against the teacher); with a few thousand labelled rows a wider one has little to gain.
@@ -112,6 +118,10 @@ class StudentConfig(_Section):
     lr: float | None = Field(None, description="None: 1.0 for AdaDelta (the seeds), 1e-3 for Adam")
     shuffle_buffer: int = Field(10000, gt=0, description="rows held for shuffling while streaming shards")
     seed: int = 0
+
+    def unit(self, kind: str, lang: str) -> str:
+        """The token unit student ``kind`` reads: ``chars`` or ``words``."""
+        return "chars" if lang == "zh" and kind in self.char_students else "words"
 
 
 class DistillConfig(_Section):

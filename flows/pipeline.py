@@ -217,20 +217,23 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     lab, inputs, weights = _online_source(layout) if online else (require(layout, "label", "train"), [], "")
     result = StageResult("train", rerun=rerun)
     s = config.student.model_dump(mode="json")
-    (vocab,) = run_tasks(vocab_task, [dict(run_dir=out, refs=[r.to_dict() for r in seg.shards
-                                                               if r.split in ("train", "unlabelled")],
-                                           min_count=s["min_count"], max_size=s["max_vocab"],
-                                           lowercase=config.lang == "en")], out, result, "vocab")
+    unit = {kind: config.student.unit(kind, config.lang) for kind in config.students}
+    units = sorted(set(unit.values()), reverse=True)  # words first: its vocab.json keeps its old place
+    vocab_refs = [r.to_dict() for r in seg.shards if r.split in ("train", "unlabelled")]
+    vocabs = dict(zip(units, run_tasks(vocab_task, [dict(run_dir=out, refs=vocab_refs, min_count=s["min_count"],
+                                                         max_size=s["max_vocab"], lowercase=config.lang == "en",
+                                                         unit=u) for u in units], out, result, "vocab"),
+                      strict=True))
     data = {"baseline": [r.to_dict() for r in seg.split("train")], "distilled": [r.to_dict() for r in lab.shards]}
     dev = [r.to_dict() for r in seg.split("dev")]
-    calls = [dict(run_dir=out, kind=kind, mode=mode, train=data[mode], dev=dev, vocab=vocab,
+    calls = [dict(run_dir=out, kind=kind, mode=mode, train=data[mode], dev=dev, vocab=vocabs[unit[kind]],
                   labels=lab.extra["labels"], student=s, distill=config.distill.model_dump(mode="json"), threads=1)
              for kind in config.students for mode in ("baseline", "distilled")]
     if online:  # the distilled students ask the teacher service while they train (issue 6)
         d = config.distill
         service = {"url": d.service_url, "concurrency": d.concurrency, "server_batch_size": d.server_batch_size,
                    "retries": d.retries}
-        online_calls = [dict(run_dir=out, kind=c["kind"], inputs=inputs, dev=dev, vocab=vocab, labels=c["labels"],
+        online_calls = [dict(run_dir=out, kind=c["kind"], inputs=inputs, dev=dev, vocab=c["vocab"], labels=c["labels"],
                              student=s, distill=c["distill"], weights_hash=weights, service=service, threads=1)
                         for c in calls if c["mode"] == "distilled"]
         calls = [c for c in calls if c["mode"] == "baseline"]
@@ -241,7 +244,7 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     params = {"students": list(config.students), "student": s, "distill": config.distill.model_dump(mode="json")}
     commit_manifest(layout.stage_dir("train"),
                     Manifest("train", fingerprint("train", seg.fingerprint, lab.fingerprint, params, version), params,
-                             version, [], extra={"vocab": vocab, "students": trained, "labels": lab.extra["labels"]}))
+                             version, [], extra={"vocab": vocabs, "students": trained, "labels": lab.extra["labels"]}))
     result.extra = {"students": {f"{t['kind']}-{t['mode']}": t["best_dev_accuracy"] for t in trained}}
     return result.to_dict()
 

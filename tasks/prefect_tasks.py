@@ -161,21 +161,25 @@ def label_task(run_dir: str, shard: str, ref: dict, kind: str, teacher: dict, we
 
 
 _STUDENT_CODE = ("students/train.py", "students/models.py", "students/losses.py", "students/data.py",
-                 "students/vocab.py")
+                 "students/vocab.py", "students/chars.py")
 
 
-@task(name="vocab", cache_key_fn=_cache_key(("students/vocab.py",)), **_COMMON)
-def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lowercase: bool) -> dict:
-    """The students' vocabulary over the segmented train + unlabelled words: ``train/vocab.json``."""
+@task(name="vocab", task_run_name="vocab-{unit}", cache_key_fn=_cache_key(("students/vocab.py", "students/chars.py")),
+      **_COMMON)
+def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lowercase: bool,
+               unit: str = "words") -> dict:
+    """The students' vocabulary over the segmented train + unlabelled rows: ``train/vocab.json`` (words) or
+    ``train/vocab-chars.json`` (characters + bigrams)."""
     from storage.fs import join
     from storage.hashing import sha256_file
     from tasks.students.vocab import build_vocab_from_shards
 
     vocab = build_vocab_from_shards(run_dir, [ShardRef.from_dict(r) for r in refs], min_count=min_count,
-                                    max_size=max_size, lowercase=lowercase)
-    path = join(run_dir, "train", "vocab.json")
+                                    max_size=max_size, lowercase=lowercase, unit=unit)
+    rel = "train/vocab.json" if unit == "words" else f"train/vocab-{unit}.json"
+    path = join(run_dir, rel)
     vocab.save(path)
-    return {"path": "train/vocab.json", "sha256": sha256_file(path), "size": len(vocab)}
+    return {"path": rel, "sha256": sha256_file(path), "size": len(vocab), "unit": unit}
 
 
 @task(name="train-student", task_run_name="train-{kind}-{mode}", cache_key_fn=_cache_key(_STUDENT_CODE),
@@ -220,7 +224,8 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
         run_dir, kind=kind, mode=mode, train_refs=train_refs,
         dev_refs=[ShardRef.from_dict(r) for r in dev], vocab=Vocab.load(join(run_dir, vocab["path"])),
         labels=labels, out_dir=join(run_dir, rel), loss=distill["loss"], temperature=distill["temperature"],
-        alpha=distill["alpha"], embed_dim=s["embed_dim"], hidden=s["hidden"], max_len=s["max_len"],
+        alpha=distill["alpha"], embed_dim=s["embed_dim"], hidden=s["hidden"],
+        max_len=s["max_chars"] if vocab.get("unit") == "chars" else s["max_len"],
         epochs=s["epochs"], patience=s["patience"], batch_size=s["batch_size"], optimizer=s["optimizer"],
         lr=s["lr"], shuffle_buffer=s["shuffle_buffer"], seed=s["seed"], threads=threads,
     )

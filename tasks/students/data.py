@@ -86,6 +86,7 @@ class ShardStream:
         for chunk in table.to_batches(max_chunksize=_CHUNK_ROWS):
             d = chunk.to_pydict()
             kinds = d.get("kind") or [None] * chunk.num_rows
+            encoded = self.vocab.encode_rows(d["words"], self.max_len)  # one pass per chunk (chars: vectorised)
             for i in range(chunk.num_rows):
                 gold_name = d["label"][i]
                 if distilled:
@@ -102,7 +103,7 @@ class ShardStream:
                         continue
                     logits, gold = None, self._label_id(gold_name, ref)
                     hard = gold
-                yield d["id"][i], self.vocab.encode(d["words"][i], self.max_len), hard, gold, logits
+                yield d["id"][i], encoded[i], hard, gold, logits
 
     def _collate(self, rows: list[_Row]) -> Batch:
         ids, lengths = pad_batch([r[1] for r in rows])

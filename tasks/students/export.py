@@ -5,9 +5,10 @@ An export directory is self-contained::
     model.onnx     ONNX, dynamic batch and length axes (served with onnxruntime when it is installed)
     model.ts       TorchScript (the fallback without onnxruntime; loads with torch alone)
     vocab.json     labels.json
-    student.json   written last: kind, sizes, segmentation settings (lang, max_len, lowercase), files
+    student.json   written last: kind, sizes, segmentation settings (lang, unit, max_len, lowercase), files
 
-Raw text goes through the same segmentation the training shards were made with (tasks.segment).
+Raw text goes through the same segmentation the training shards were made with (tasks.segment), or, for a
+student of characters (``unit: chars``), straight to the vocabulary's vectorised lookup (tasks/students/chars.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def export_onnx(model, path: str, opset: int = 18) -> None:
     """Write ``model`` as one ONNX file (weights inside) with dynamic batch and length axes."""
     import torch
 
+    from tasks.students.models import BiLSTM
+
+    if isinstance(model, BiLSTM):  # one native bidirectional LSTM op (tasks/students/onnx_lstm.py)
+        from tasks.students.onnx_lstm import bilstm_onnx
+
+        with open(path, "wb") as fh:
+            fh.write(bilstm_onnx(model.eval(), opset).SerializeToString())
+        return
+
+    import logging
+
+    # "torchvision is not installed. Skipping torchvision::nms" x4 per export: true and irrelevant here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (torchvision ops not registered, etc.)
@@ -89,10 +103,13 @@ def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, exp
             raise ValueError(f"unknown export format {f!r}; choose from: {', '.join(FORMATS)}")
     makedirs(export_dir)
     files: dict[str, dict] = {}
+    # A BOW is served with its first dense layer folded into the embedding table (models.FoldedBOW): the same
+    # logits, a third of the table and of the per-text work.
+    served = model.eval().folded() if hasattr(model, "folded") else model
     with tempfile.TemporaryDirectory() as tmp:
         for f in formats:
             local = os.path.join(tmp, FILES[f])
-            (export_onnx if f == "onnx" else export_torchscript)(model, local)
+            (export_onnx if f == "onnx" else export_torchscript)(served, local)
             with open(local, "rb") as fh:
                 data = fh.read()
             atomic_write_bytes(join(export_dir, FILES[f]), data)
@@ -102,8 +119,10 @@ def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, exp
     from tasks.students.evaluate import count_params
 
     meta = {"format": 1, "kind": model_config["kind"], "model": model_config, "params": count_params(model),
+            "served_params": count_params(served),
             "labels": list(labels),
-            "lang": lang, "max_len": model_config["max_len"], "lowercase": vocab.lowercase, "files": files,
+            "lang": lang, "max_len": model_config["max_len"], "lowercase": vocab.lowercase, "unit": vocab.unit,
+            "files": files,
             "inputs": {"ids": "[batch, time] int64", "lengths": "[batch] int64"}, "outputs": {"logits": "[batch, C]"}}
     atomic_write_text(join(export_dir, META), json.dumps(meta, indent=1, ensure_ascii=False))
     return meta
@@ -118,15 +137,18 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class Predictor:
     """Raw text -> (label, confidence) with an exported student.
 
-    backend "auto": onnxruntime when importable and model.onnx exists, else TorchScript.
+    backend "auto": TorchScript for a BOW, else onnxruntime when importable and model.onnx exists (see
+    _auto_backend).
     ``threads``: intra-op threads of the runtime (None: its default, all cores; the TorchScript backend sets
-    torch's process-wide count). Default 1: a student's ops are too small to split, and 1 thread beat 2 in
-    every bench/students.py run here. ``batch_size``: texts segmented and run per step. ``rows_per_call``: rows per
-    runtime call after sorting a step's rows by length (default: 8 for CNN/BiLSTM, whose cost grows with the
-    padded length: ~15% faster on the review corpus at batch 32; whole steps for BOW, whose cost is per call).
+    torch's process-wide count). "auto": all cores for the BiLSTM, whose one bidirectional LSTM op runs its
+    two directions on two threads (~1.4x), and 1 for BOW and CNN, whose ops are too small to split (1 thread
+    beat 2 for them in every bench/students.py run here). ``batch_size``: texts segmented and run per step.
+    ``rows_per_call``: rows per runtime call after sorting a step's rows by length (default: 8 for CNN/BiLSTM,
+    whose cost grows with the padded length: ~15% faster on the review corpus at batch 32; whole steps for BOW,
+    whose cost is per call).
     """
 
-    def __init__(self, model_dir: str, backend: str = "auto", threads: int | None = 1, batch_size: int = 64,
+    def __init__(self, model_dir: str, backend: str = "auto", threads: int | str | None = "auto", batch_size: int = 64,
                  rows_per_call: int | None = None):
         meta_path = join(model_dir, META)
         if not exists(meta_path):
@@ -136,12 +158,15 @@ class Predictor:
         self.labels: list[str] = json.loads(read_bytes(join(model_dir, "labels.json")).decode("utf-8"))
         self.lang, self.max_len, self.batch_size = self.meta["lang"], int(self.meta["max_len"]), batch_size
         if backend == "auto":
-            backend = "onnx" if FILES["onnx"] in self.meta["files"] and _has_onnxruntime() else "torchscript"
+            backend = _auto_backend(self.meta)
         if backend not in FORMATS:
             raise ValueError(f"unknown backend {backend!r}; choose auto, onnx or torchscript")
         if FILES[backend] not in self.meta["files"]:
             raise FileNotFoundError(f"{model_dir} has no {FILES[backend]}; export with formats including {backend}")
         self.backend = backend
+        if threads == "auto":
+            threads = None if self.meta["kind"] == "bilstm" else 1
+        self.threads = threads
         self.rows_per_call = rows_per_call or (batch_size if self.meta["kind"] == "bow" else 8)
         data = read_bytes(join(model_dir, FILES[backend]))
         if backend == "onnx":
@@ -173,9 +198,18 @@ class Predictor:
         with torch.inference_mode():
             return self._module(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
 
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, lengths) of raw texts: segmented (words vocabulary) or looked up directly (chars)."""
+        if self.vocab.unit == "chars":
+            return self.vocab.encode_texts(texts, self.max_len)
+        return self.vocab.encode_batch(tokenize(texts, self.lang), self.max_len)
+
     def logits_words(self, word_lists: list[list[str]]) -> np.ndarray:
         """[N, C] logits of segmented texts, in input order."""
-        ids, lengths = self.vocab.encode_batch(word_lists, self.max_len)
+        return self.logits_encoded(*self.vocab.encode_batch(word_lists, self.max_len))
+
+    def logits_encoded(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """[N, C] logits of encoded rows, in input order, ``rows_per_call`` rows of similar length at a time."""
         if len(lengths) <= self.rows_per_call:
             return self.logits_ids(ids, lengths)
         order = np.argsort(lengths, kind="stable")
@@ -191,13 +225,23 @@ class Predictor:
         out = []
         for i in range(0, len(texts), self.batch_size):
             chunk = texts[i : i + self.batch_size]
-            out.append(_softmax(self.logits_words(tokenize(chunk, self.lang))))
+            out.append(_softmax(self.logits_encoded(*self.encode(chunk))))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:
         probs = self.predict_proba(texts)
         best = probs.argmax(-1)
         return [(self.labels[k], float(probs[i, k])) for i, k in enumerate(best)]
+
+
+def _auto_backend(meta: dict) -> str:
+    """onnxruntime for CNN/BiLSTM (faster than TorchScript here on every bench/students.py run); TorchScript for
+    a BOW, whose sum of embeddings TorchScript runs as one embedding_bag while ONNX has only gather + sum."""
+    has_onnx = FILES["onnx"] in meta["files"] and _has_onnxruntime()
+    has_ts = FILES["torchscript"] in meta["files"]
+    if meta["kind"] == "bow" and has_ts:
+        return "torchscript"
+    return "onnx" if has_onnx else "torchscript"
 
 
 def _has_onnxruntime() -> bool:
@@ -228,7 +272,7 @@ def predict_lines(model_dir: str, lines: Iterable[str], *, batch_size: int = 256
         yield from flush()
 
 
-def measure_export(export_dir: str, texts: list[str], *, batch_size: int = 32, threads: int | None = 1,
+def measure_export(export_dir: str, texts: list[str], *, batch_size: int = 32, threads: int | str | None = "auto",
                    backend: str = "auto") -> dict:
     """Serving numbers of an exported student for the report: texts/s at ``batch_size`` (segmentation
     included, see evaluate.measure_throughput), parameters, bytes on disk."""
@@ -236,5 +280,5 @@ def measure_export(export_dir: str, texts: list[str], *, batch_size: int = 32, t
 
     p = Predictor(export_dir, backend=backend, threads=threads, batch_size=batch_size)
     r = measure_throughput(p.predict, texts, batch_size, min_seconds=1.0)
-    return {"qps": r["texts_per_s"], "batch_size": batch_size, "backend": p.backend, "threads": threads,
+    return {"qps": r["texts_per_s"], "batch_size": batch_size, "backend": p.backend, "threads": p.threads,
             "params": p.meta["params"], "bytes": size_on_disk(export_dir)}
