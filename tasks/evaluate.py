@@ -32,7 +32,10 @@ def speed(predict, texts: list[str]) -> dict:
 
 
 def isolated(fn, *args):
-    """``fn(*args)`` in a freshly spawned process (``fn`` importable at module level; args picklable)."""
+    """``fn(*args)`` in a freshly spawned process (``fn`` importable at module level; args picklable).
+    In a daemonic process (a Dask worker's default) no child may be started: then in this process."""
+    if multiprocessing.current_process().daemon:
+        return fn(*args)
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 
