@@ -4,10 +4,9 @@ Speed is measured the way a service would see it: raw text in (segmentation / to
 on this machine's CPU unless the teacher is configured on a GPU, at batch 32 and batch 1. Students are timed
 in their served form: exported and run by the Predictor that `slimflow predict` uses.
 
-Each timing runs in a fresh process (``isolated``): the orchestrating process has threads of its own (Prefect's
-log and event shipping, progress bars) that take the GIL now and then, which costs a student serving a batch in
-~0.5 ms a third of its speed, while the teacher, in C++ most of the time, barely notices. A service process
-has none of them.
+Each timing runs in a fresh process (``isolated``), as a service would run the model: the orchestrating process
+has threads of its own (Prefect's log and event shipping, progress bars) and the teacher's memory, none of which
+belong in the measurement. Both sides are timed the same way, so the ratio stays fair.
 """
 
 from __future__ import annotations
