@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default teacher. Rerunning resumes.")
     sp.add_argument("--preset", choices=("quick", "full"), default="quick",
                     help="quick (default, <15 min on 2 cores): 6,000 unlabelled rows, n_iter 3, BOW + BiLSTM; "
-                    "full: every unlabelled row, n_iter 10, BOW + CNN + BiLSTM")
+                    "full (~20 min on 2 cores): every unlabelled row, n_iter 10, BOW + CNN + BiLSTM")
     sp.add_argument("--out", help="run directory (default: ./runs/demo-<preset>)")
     sp.set_defaults(func=cmd_demo)
 

@@ -15,8 +15,8 @@ PRESETS = {
     # 3 augmented copies per labelled row keep its labelling to ~13k texts.
     "quick": {"labelled": 2000, "unlabelled": 6000, "augment": {"n_iter": 3}, "students": ["bow", "bilstm"],
               "student": {"epochs": 6}},
-    # full: the whole unlabelled pool, Tang et al.'s heavier augmentation, every student kind (an hour or more
-    # on a 2-core CPU; minutes on a GPU).
+    # full: the whole unlabelled pool, Tang et al.'s heavier augmentation, every student kind (~20 minutes on
+    # a 2-core CPU: 34k texts labelled; minutes on a GPU).
     "full": {"labelled": 2000, "unlabelled": None, "augment": {"n_iter": 10}, "students": ["bow", "cnn", "bilstm"],
              "student": {"epochs": 10}},
 }
