@@ -159,7 +159,9 @@ def main() -> None:
                 timed(f"teacher t{threads} b32", teacher_fn, tt, 32, warmup_batches=1, min_seconds=0)
                 for kind in KINDS:
                     # backend auto: what `slimflow predict` and the report use (TorchScript for a BOW).
-                    p = predictors.setdefault((kind, threads), Predictor(dirs[kind], threads=threads, batch_size=32))
+                    if (kind, threads) not in predictors:
+                        predictors[kind, threads] = Predictor(dirs[kind], threads=threads, batch_size=32)
+                    p = predictors[kind, threads]
                     timed(f"{kind} t{threads} b32", p.predict, texts, 32)
                     if VARIANTS[kind][1] == "chars":  # its tokens are the text itself: model only = encoded ids
                         # keyed by a batch's first text (the texts are unique)

@@ -20,9 +20,9 @@ import numpy as np
 from numba import njit
 
 from storage.schema import MASK_PLACEHOLDER, PAD, UNK
+from tasks.students.vocab import UNK_ID
 
 N_CODEPOINTS = 0x110000
-PAD_ID, UNK_ID = 0, 1
 _PLACEHOLDER = ord(MASK_PLACEHOLDER)
 BMP = 0x10000  # dense tables cover the Basic Multilingual Plane (256 KB: they stay in cache); the rest is rare
 # Python's str.isspace() code points (all in the BMP): dropped before tokenising, as the segmenters drop

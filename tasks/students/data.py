@@ -86,7 +86,7 @@ class ShardStream:
         for chunk in table.to_batches(max_chunksize=_CHUNK_ROWS):
             d = chunk.to_pydict()
             kinds = d.get("kind") or [None] * chunk.num_rows
-            encoded = self.vocab.encode_rows(d["words"], self.max_len)  # one pass per chunk (chars: vectorised)
+            encoded = self.vocab.encode_rows(d["words"], self.max_len)  # one pass per chunk (chars: compiled)
             for i in range(chunk.num_rows):
                 gold_name = d["label"][i]
                 if distilled:

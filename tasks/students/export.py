@@ -8,7 +8,7 @@ An export directory is self-contained::
     student.json   written last: kind, sizes, segmentation settings (lang, unit, max_len, lowercase), files
 
 Raw text goes through the same segmentation the training shards were made with (tasks.segment), or, for a
-student of characters (``unit: chars``), straight to the vocabulary's vectorised lookup (tasks/students/chars.py).
+student of characters (``unit: chars``), straight to the vocabulary's compiled lookup (tasks/students/chars.py).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, exp
     makedirs(export_dir)
     files: dict[str, dict] = {}
     # A BOW is served with its first dense layer folded into the embedding table (models.FoldedBOW): the same
-    # logits, a third of the table and of the per-text work.
+    # logits from a table hidden-wide instead of embed_dim-wide (half at the default sizes).
     served = model.eval().folded() if hasattr(model, "folded") else model
     with tempfile.TemporaryDirectory() as tmp:
         for f in formats:
@@ -141,7 +141,7 @@ class Predictor:
     _auto_backend).
     ``threads``: intra-op threads of the runtime (None: its default, all cores; the TorchScript backend sets
     torch's process-wide count). "auto": all cores for the BiLSTM, whose one bidirectional LSTM op runs its
-    two directions on two threads (~1.4x), and 1 for BOW and CNN, whose ops are too small to split (1 thread
+    two directions on two threads, and 1 for BOW and CNN, whose ops are too small to split (1 thread
     beat 2 for them in every bench/students.py run here). ``batch_size``: texts segmented and run per step.
     ``rows_per_call``: rows per runtime call after sorting a step's rows by length (default: 8 for CNN/BiLSTM,
     whose cost grows with the padded length: ~15% faster on the review corpus at batch 32; whole steps for BOW,

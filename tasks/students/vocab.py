@@ -19,7 +19,6 @@ from storage.fs import atomic_write_text, read_bytes
 from storage.hashing import fingerprint
 from storage.schema import PAD, UNK
 from storage.shards import ShardRef, read_shard
-from tasks.students.chars import CharEncoder, char_string, count_tokens
 
 PAD_ID = 0  # models mask by length, but the embedding's padding_idx keeps [PAD] at zero too
 UNK_ID = 1
@@ -55,6 +54,8 @@ class Vocab:
         if max_size < 3:
             raise ValueError(f"max_size must be >= 3 ([PAD], [UNK] and one word), got {max_size}")
         if unit == "chars":
+            from tasks.students.chars import char_string, count_tokens
+
             counts = count_tokens((char_string(ws) for ws in word_lists), lowercase=lowercase)
         else:
             counts = Counter()
@@ -67,12 +68,15 @@ class Vocab:
         return cls(itos=(PAD, UNK, *kept[: max_size - 2]), lowercase=lowercase, unit=unit)
 
     @property
-    def chars(self) -> CharEncoder:
-        """The vectorised encoder of a chars vocabulary (built on first use, ~50 ms)."""
+    def chars(self):
+        """The compiled encoder of a chars vocabulary (tasks/students/chars.CharEncoder), built on first use:
+        a words vocabulary never imports numba."""
         enc = self.__dict__.get("_chars")
         if enc is None:
             if self.unit != "chars":
                 raise ValueError("a words vocabulary has no character encoder")
+            from tasks.students.chars import CharEncoder
+
             enc = CharEncoder(self.itos, lowercase=self.lowercase)
             object.__setattr__(self, "_chars", enc)
         return enc
@@ -82,10 +86,10 @@ class Vocab:
         return self.chars.encode(texts, max_len)
 
     def encode_rows(self, word_lists: list[list[str]], max_len: int) -> list[list[int]]:
-        """Ids of each row (``encode`` for every row; one vectorised pass for a chars vocabulary)."""
+        """Ids of each row (``encode`` for every row; one compiled pass for a chars vocabulary)."""
         if self.unit == "words":
             return [self.encode(w, max_len) for w in word_lists]
-        ids, lengths = self.chars.encode([char_string(w) for w in word_lists], max_len)
+        ids, lengths = self.encode_batch(word_lists, max_len)
         return [row[:n].tolist() for row, n in zip(ids, lengths)]
 
     def encode(self, words: list[str], max_len: int) -> list[int]:
@@ -101,6 +105,8 @@ class Vocab:
         """(ids [B, T] int64 padded with [PAD] to the longest row (>= 1), lengths [B] int64): the same as
         ``pad_batch([encode(w) ...])``, with one lookup pass over the batch's words and no per-row numpy work."""
         if self.unit == "chars":
+            from tasks.students.chars import char_string
+
             return self.chars.encode([char_string(w) for w in word_lists], max_len)
         lengths = np.fromiter((min(len(w), max_len) for w in word_lists), dtype=np.int64, count=len(word_lists))
         flat = list(chain.from_iterable(w[:max_len] for w in word_lists))
