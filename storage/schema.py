@@ -1,7 +1,7 @@
 """Explicit Arrow schemas of every stage's shards.
 
 Every row carries a stable ``id``; augmented rows carry ``source_id`` and ``aug_ops``/``aug_copy`` so any
-output row traces back to the input row it came from (DESIGN.md, "Contracts").
+output row traces back to the input row it came from.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from storage.fs import atomic_write_bytes, join
 from storage.schema import AUGMENT, MASK_PLACEHOLDER, POS_TABLE, UNK
-from storage.shards import ShardRef, read_shard, table_to_parquet_bytes, write_shard
+from storage.shards import CorruptShardError, ShardRef, read_shard, table_to_parquet_bytes, write_shard
 
 OPS = ("mask", "pos", "ngram")
 
@@ -211,7 +211,8 @@ def load_pos_table(run_dir: str, table_ref: dict) -> PosTable:
 
     data = read_bytes(join(run_dir, table_ref["path"]))
     if sha256_bytes(data) != table_ref["sha256"]:
-        raise RuntimeError(f"{table_ref['path']} does not match its recorded hash; rerun the augment stage")
+        # Corrupt, not transient: a retry would read the same bytes.
+        raise CorruptShardError(f"{table_ref['path']} does not match its recorded hash; rerun the augment stage")
     import io
 
     import pyarrow.parquet as pq

@@ -72,7 +72,12 @@ def _teacher_speed(run_dir: str, teacher: dict, speed_texts: list[str]) -> dict:
     from tasks.teacher.model import load_teacher
 
     t = load_teacher(join(run_dir, "teacher", "model"), device=teacher["device"], dtype=teacher["dtype"],
-                     threads=teacher["threads"], cache_dir=teacher["cache_dir"])
+                     threads=teacher["threads"], cache_dir=teacher["cache_dir"],
+                     trust_remote_code=teacher.get("trust_remote_code", False))
     served = speed(lambda texts: label_texts(t, texts, batch_tokens=teacher["batch_tokens"]), speed_texts)
-    params = sum(p.numel() for p in t.model.parameters())
-    return {**served, "params": int(params), "size_bytes": int(params * 4)}  # fp32 weights
+    # The weights as served (in the dtype they were loaded in), the head included.
+    modules = [t.model] + ([t.head] if t.head is not None else [])
+    tensors = [x for m in modules for x in list(m.parameters()) + list(m.buffers())]
+    params = sum(x.numel() for m in modules for x in m.parameters())
+    size = sum(x.numel() * x.element_size() for x in tensors)
+    return {**served, "params": int(params), "size_bytes": int(size)}

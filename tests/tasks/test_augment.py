@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage.schema import MASK_PLACEHOLDER, SEGMENT, UNK
-from storage.shards import write_shard
+from storage.shards import CorruptShardError, write_shard
 from tasks.augment import (
     AugmentParams,
     PosTable,
@@ -120,3 +120,15 @@ def test_shard_output_independent_of_processing_order(tmp_path, order):
     outs = {i: augment_shard(run, refs[i], table, AugmentParams()) for i in order}
     baseline = {i: augment_shard(run, refs[i], table, AugmentParams()) for i in (0, 1)}
     assert outs == baseline
+
+
+def test_a_changed_pos_table_is_a_corrupt_shard_not_a_retry(tmp_path):
+    """A POS table whose bytes no longer match its hash fails as corrupt (not retried as transient)."""
+    run = str(tmp_path)
+    ids, words, pos, ws = _corpus(40)
+    ref = _seg_shard(run, 0, ids, words, pos, ws)
+    table = build_pos_table(run, [ref], min_count=1)
+    path = tmp_path / table["path"]
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(CorruptShardError, match="rerun the augment stage"):
+        augment_shard(run, ref, table, AugmentParams())

@@ -78,14 +78,6 @@ def test_predict_lines_writes_one_tsv_line_per_input(exported):
     assert all(len(c) == 3 and c[1] in LABELS and 0.5 <= float(c[2]) <= 1 for c in cols)
 
 
-def test_measure_export_reports_speed_params_and_size(exported):
-    from tasks.students.export import measure_export
-
-    r = measure_export(exported["bow"][1], ["很好", "太差了"] * 20, batch_size=8)
-    assert r["qps"] > 0 and r["backend"] == "torchscript" and r["bytes"] > 1000
-    assert r["params"] == sum(p.numel() for p in load_student(exported["bow"][0])[0].parameters())
-
-
 def test_missing_or_partial_export_dir_raises(tmp_path, exported):
     with pytest.raises(FileNotFoundError, match="not an exported student"):
         Predictor(str(tmp_path))

@@ -13,7 +13,6 @@ from storage.shards import read_shard, write_shard
 from tasks.teacher.fit import (
     EMBED,
     adopt_pretrained,
-    classification_metrics,
     embed_shard,
     evaluate_teacher,
     finetune_teacher,
@@ -25,13 +24,6 @@ from tasks.teacher.fit import (
 )
 from tasks.teacher.label import label_shard
 from tasks.teacher.model import TeacherError, load_teacher
-
-
-def test_classification_metrics():
-    m = classification_metrics([0, 0, 1, 1], [0, 1, 1, 1])
-    assert m["accuracy"] == 0.75
-    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
-    assert classification_metrics([2, 2], [2, 2])["macro_f1"] == 1.0
 
 
 def _blobs(n, d=16, k=3, seed=0, sep=3.0):
@@ -78,8 +70,8 @@ def test_fit_head_on_separable_embeddings_then_label(tmp_path, tiny_model_dir, h
     out = read_shard(str(tmp_path), label_shard(str(tmp_path), ref, "original", tdir, "label/original", device="cpu"))
     assert out.num_rows == 20 and set(out.column("label_t").to_pylist()) <= set(LABELS)
     m = evaluate_teacher(str(tmp_path), [ref], tdir, device="cpu")
-    assert 0 <= m["accuracy"] <= 1 and m["rows"] == 20
-    assert record_metrics(tdir, "test", m)["metrics"]["test"]["rows"] == 20
+    assert 0 <= m["accuracy"] <= 1 and m["n"] == 20
+    assert record_metrics(tdir, "test", m)["metrics"]["test"]["n"] == 20
 
 
 def test_embed_shard_writes_unit_vectors(tmp_path, tiny_model_dir):
