@@ -8,8 +8,8 @@ the offline label stage writes it, once all its rows are answered. A small recei
 (``label/online/<key>.json``) records it, so a restarted training, a second student, or a later offline
 ``label`` stage (``find_labelled``) reuse it instead of asking again.
 
-``OnlineLabeller`` labels the shards in the background, the one a reader waits for first; ``online_refs``
-gives ``ShardStream`` one lazy ref per input shard, resolved on first read (the first epoch trains on shard k
+``OnlineLabeller`` labels the shards in the background, the one a reader waits for first; its ``refs()``
+give ``ShardStream`` one lazy ref per input shard, resolved on first read (the first epoch trains on shard k
 while shards k+1.. are being labelled; later epochs read the files). A failed or restarting service is retried
 with exponential backoff; only ``retries`` failures in a row of one request fail the training (which then
 resumes from its checkpoint and the shards already written).
@@ -28,18 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from storage.fs import atomic_write_text, exists, join, read_bytes
 from storage.hashing import fingerprint
 from storage.manifest import read_manifest
 from storage.schema import LABELLED
 from storage.shards import ShardRef, read_shard, shard_ok, write_shard
-from tasks.teacher.label import KINDS, _input_columns, softmax
+from tasks.service import TOKEN_ENV  # the service's bearer token; never in a config file or a manifest
+from tasks.teacher.label import KINDS, _input_columns, labelled_table
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "SLIMFLOW_TOKEN"  # the service's bearer token; never in a config file or a manifest
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})  # the service is busy, restarting or failed: ask again
 
 
@@ -138,27 +137,6 @@ def _detail(r) -> str:
 
 
 # ------------------------------------------------------------------------------------------- shards + receipts
-def labelled_table(table: pa.Table, kind: str, logits: np.ndarray, labels: Sequence[str]) -> pa.Table:
-    """The LABELLED table for an input table and its teacher logits (as ``tasks.teacher.label.label_table``)."""
-    ids, source_ids, texts = _input_columns(table, kind)
-    n, c = logits.shape[0], len(labels)
-    if logits.shape != (table.num_rows, c):
-        raise OnlineError(f"got logits of shape {logits.shape} for {table.num_rows} rows and {c} labels")
-    probs = softmax(logits) if n else logits
-    hard = logits.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
-    names = np.asarray(labels, dtype=object)
-    offsets = pa.array(np.arange(0, (n + 1) * c, c, dtype=np.int32))
-    list_type = pa.list_(pa.float32())
-    return pa.table({
-        "id": ids, "source_id": source_ids, "kind": pa.array([kind] * n, pa.string()), "text_t": texts,
-        "words": table.column("words"), "label": table.column("label"),
-        "logits": pa.ListArray.from_arrays(offsets, pa.array(logits.reshape(-1), pa.float32())).cast(list_type),
-        "probs": pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1), pa.float32())).cast(list_type),
-        "label_t": pa.array(names[hard].tolist() if n else [], pa.string()),
-        "confidence": pa.array(probs.max(axis=1) if n else np.zeros(0, np.float32), pa.float32()),
-    })
-
-
 def label_key(kind: str, in_ref: ShardRef, weights_hash: str) -> str:
     """What determines a labelled shard: its input shard's content and the teacher's weights."""
     return fingerprint("online-label", kind, in_ref.sha256, weights_hash)
@@ -214,6 +192,9 @@ def label_shard_online(run_dir: str, kind: str, in_ref: ShardRef, client: Teache
             raise OnlineError(f"the teacher service at {client.url} serves weights {answered_by[:12]}, but this run's "
                               f"teacher is {weights_hash[:12]}; serve this run's teacher (`slimflow teacher serve "
                               "CONFIG --out RUN_DIR`)")
+        if logits.shape != (table.num_rows, len(labels)):
+            raise OnlineError(f"the teacher service answered logits of shape {logits.shape} for {table.num_rows} "
+                              f"rows and {len(labels)} labels")
         out = labelled_table(table, kind, logits, labels)
         ref = write_shard(out, run_dir, f"label/{kind}", kind, in_ref.index, LABELLED,
                           inputs=(in_ref.sha256, weights_hash))

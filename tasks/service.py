@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from tasks.teacher.infer import BatchStats, OomHook
@@ -94,10 +95,13 @@ class _Pending:
 
 def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = Limits(), device: str = "auto",
                dtype: str = "auto", threads: int | None = None, cache_dir: str | None = None,
-               trust_remote_code: bool = False, oom: OomHook | None = None):
+               trust_remote_code: bool = False, oom: OomHook | None = None,
+               on_queued: Callable[[int], None] | None = None):
     """The FastAPI app serving the fitted teacher in ``teacher_dir``; the teacher loads at startup.
 
-    ``oom`` forces out-of-memory errors in the model (tests). ``app.state.stats`` holds the batching figures.
+    ``oom`` forces out-of-memory errors in the model (tests). ``on_queued(pending_texts)`` is called in the
+    event loop each time a request joins the batching queue, with the texts now queued or in a model call
+    (tests synchronise on it). ``app.state.stats`` holds the batching figures.
     """
     from contextlib import asynccontextmanager
 
@@ -148,7 +152,9 @@ def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = L
                         break
                     try:
                         item = await asyncio.wait_for(queue.get(), remaining)
-                    except TimeoutError:
+                    # Python 3.10 (still supported) raises asyncio.TimeoutError, a separate class there;
+                    # from 3.11 on it is the builtin TimeoutError.
+                    except (TimeoutError, asyncio.TimeoutError):
                         break
                 group.append(item)
                 tokens += item.tokens
@@ -220,6 +226,8 @@ def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = L
         cap = t.max_length
         state["pending"] += len(texts)
         state["queue"].put_nowait(_Pending(texts, sum(min(len(x), cap) + 2 for x in texts), fut))
+        if on_queued is not None:
+            on_queued(state["pending"])
         try:
             y = await fut
         except Exception as e:

@@ -72,6 +72,8 @@ def compute_loss(name: str, logits_s: Tensor, logits_t: Tensor | None = None, la
     - ``mix``: ``alpha * CE(labels) + (1 - alpha) * LOSSES[soft](logits_s, logits_t, T)``; ``soft`` defaults to
       ``kl``, the softened-probability loss this mix comes from (Hinton et al. 2015).
     - any other registered name: that soft loss on logits_t.
+
+    ``logits_t`` is detached: it is a target, so gradients reach the student only.
     """
     check_loss(name, soft)
     if name == "ce" and labels is not None:
@@ -79,6 +81,8 @@ def compute_loss(name: str, logits_s: Tensor, logits_t: Tensor | None = None, la
         return part, {"ce": part.item()}
     if logits_t is None:
         raise ValueError(f"loss {name!r} needs teacher logits; train on teacher-labelled shards (distilled mode)")
+    # The teacher's logits are targets: no gradient may flow into them (or into a teacher that made them).
+    logits_t = logits_t.detach()
     if name == MIX:
         if labels is None:
             raise ValueError("loss 'mix' needs hard labels (gold, else the teacher's label_t)")

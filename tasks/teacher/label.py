@@ -53,17 +53,19 @@ def _input_columns(table: pa.Table, kind: str) -> tuple[pa.Array, pa.Array, pa.A
     return table.column("id"), table.column(src_col), table.column(text_col)
 
 
-def label_table(teacher: Teacher, table: pa.Table, kind: str, *, batch_tokens: int = 16384,
-                oom: OomHook | None = None, stats: BatchStats | None = None, **retry) -> pa.Table:
-    """The LABELLED table for one input table (see ``label_shard``)."""
+def labelled_table(table: pa.Table, kind: str, logits: np.ndarray, labels: Sequence[str]) -> pa.Table:
+    """The LABELLED table (``storage.schema.LABELLED``) for an input table of ``kind`` and its [N, C] teacher
+    logits, C = ``len(labels)``: one row per input row, in input order. Shared by the offline label stage
+    (``label_table``) and online distillation (``tasks.online``), so both write the same shards."""
     if kind not in KINDS:
         raise TeacherError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
     ids, source_ids, texts = _input_columns(table, kind)
-    logits = label_texts(teacher, texts.to_pylist(), batch_tokens=batch_tokens, oom=oom, stats=stats, **retry)
-    probs = softmax(logits) if len(logits) else logits
-    hard = logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
-    names = np.asarray(teacher.labels, dtype=object)
-    n, c = logits.shape[0], len(teacher.labels)
+    n, c = logits.shape[0], len(labels)
+    if logits.shape != (table.num_rows, c):
+        raise TeacherError(f"got logits of shape {logits.shape} for {table.num_rows} rows and {c} labels")
+    probs = softmax(logits) if n else logits
+    hard = logits.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
+    names = np.asarray(labels, dtype=object)
     list_type = pa.list_(pa.float32())
     offsets = pa.array(np.arange(0, (n + 1) * c, c, dtype=np.int32))
     return pa.table({
@@ -78,6 +80,16 @@ def label_table(teacher: Teacher, table: pa.Table, kind: str, *, batch_tokens: i
         "label_t": pa.array(names[hard].tolist() if n else [], pa.string()),
         "confidence": pa.array(probs.max(axis=1) if n else np.zeros(0, np.float32), pa.float32()),
     })
+
+
+def label_table(teacher: Teacher, table: pa.Table, kind: str, *, batch_tokens: int = 16384,
+                oom: OomHook | None = None, stats: BatchStats | None = None, **retry) -> pa.Table:
+    """The LABELLED table for one input table (see ``label_shard``)."""
+    if kind not in KINDS:
+        raise TeacherError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    _, _, texts = _input_columns(table, kind)
+    logits = label_texts(teacher, texts.to_pylist(), batch_tokens=batch_tokens, oom=oom, stats=stats, **retry)
+    return labelled_table(table, kind, logits, teacher.labels)
 
 
 def label_shard(run_dir: str, in_ref: ShardRef, kind: str, teacher_dir: str, out_rel_dir: str, *,

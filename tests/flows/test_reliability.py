@@ -136,13 +136,21 @@ def test_an_out_that_is_a_file_is_one_line_naming_it(tmp_path, capsys, below):
 
 
 @pytest.mark.parametrize("name", ["../escape", "..", "a/b", "/abs", ".hidden", "a\\b", "x" * 65, "a\x00b"])
-def test_a_run_name_cannot_leave_the_runs_directory(tmp_path, capsys, name):
+def test_a_run_name_cannot_leave_the_runs_directory(tmp_path, capsys, monkeypatch, name):
     with pytest.raises(ValueError, match="name"):
         Config(name=name, data={"train": "t.csv"})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"name": name, "data": {"train": "t.csv"}}))
     with pytest.raises(ConfigError, match="name"):
         load_config(path)
-    assert main(["ingest", str(path)]) == 1  # the default --out is runs/<name>: refused before any write
+    work = tmp_path / "cwd"  # the default --out, ./runs/<name>, is relative to the working directory
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["ingest", str(path)]) == 1  # refused before any write
     assert "invalid config" in _stderr_line(capsys)
-    assert not os.path.exists("runs/escape") and not (tmp_path.parent / "escape").exists()
+    # Where the default --out would have put the run: runs/../escape is ./escape, runs/.. is ./ itself,
+    # runs//abs is /abs. Nothing may appear there, nor anywhere under the working directory or the config's.
+    target = os.path.abspath(os.path.join("runs", name))
+    assert target == str(work) or not os.path.lexists(target), target
+    assert not list(work.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "cwd"]

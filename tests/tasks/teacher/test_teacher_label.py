@@ -115,10 +115,15 @@ def test_wrong_kind_is_a_clear_error(tmp_path, teacher_dir):
         label_shard(str(tmp_path), ref, "augmented", teacher_dir, "label/x", device="cpu")
 
 
-def test_resolve_dtype_cpu():
+def test_resolve_dtype_cpu(monkeypatch):
+    from tasks.teacher import model
+
     cpu = torch.device("cpu")
     assert resolve_dtype("fp32", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
-    assert resolve_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(model, "cpu_has_fast_bf16", lambda: True)  # AMX: bf16 GEMMs beat fp32
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(model, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_dtype("auto", cpu) == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int4", cpu)
 
