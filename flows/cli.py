@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-STAGES = ("ingest", "segment", "augment", "teacher", "label", "train", "export", "evaluate")
+from storage.layout import STAGES
 
 _STAGE_HELP = {
     "ingest": "read and validate the inputs, quarantine bad rows (ingest/rejects.parquet), split into shards",
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Data distillation for text classification: augment labelled text, let a big transformer "
         "teacher label it in batches, train small fast students on those labels. Every stage is a Prefect "
         "flow of cached, retryable per-shard tasks; a rerun resumes where it stopped.",
-        epilog="Quick start: `make demo`. Config reference: README.md. Add --debug for a traceback on errors.",
+        epilog="Quick start: `make demo`. Config reference: README.md, section Config (every key with its default: "
+        "flows/config.py). Add --debug for a traceback on errors.",
     )
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -153,13 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "their outputs, up to the last stage the run had completed. Nothing else runs.")
     sp.add_argument("run_dir", help="a run directory (holds config.json)")
     sp.add_argument("--stage", required=True, choices=STAGES)
-    sp.add_argument("--shard", nargs="+", metavar="ID", help="shard ids of that stage (default: all of them)")
+    sp.add_argument("--shard", nargs="+", metavar="ID",
+                    help="shard ids of that stage (default: all of them); only the stages with a task per shard "
+                    "take it: segment, augment, label, and teacher with teacher.fit: head")
     sp.set_defaults(func=cmd_rerun)
 
     sp = sub.add_parser("predict", help="classify text lines from stdin with an exported student",
                         description="Read one text per line on stdin, write `text<TAB>label<TAB>confidence` per line "
                         "on stdout (line k answers line k), like ERNIE Slim's --do_predict. MODEL_DIR is an "
-                        "exported student, e.g. runs/NAME/export/bilstm. Uses onnxruntime when installed.")
+                        "exported student, e.g. runs/NAME/export/bilstm. --backend auto: TorchScript for a BOW; "
+                        "onnxruntime for a CNN or BiLSTM when it is installed and the export has model.onnx, else "
+                        "TorchScript.")
     sp.add_argument("model_dir", help="an export directory (holds student.json)")
     sp.add_argument("--batch-size", type=int, default=256, help="lines segmented and run per step")
     sp.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto")

@@ -14,6 +14,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The student kinds (tasks/students/models.py): `students` and `student.char_students` name them.
+StudentKind = Literal["bow", "cnn", "bilstm"]
+
 
 class ConfigError(ValueError):
     """The config file is missing, unreadable or invalid: the message says which key and how to fix it."""
@@ -103,7 +106,7 @@ class StudentConfig(_Section):
     max_len: int = Field(128, gt=0, description="student words per text")
     # The BOW serves >1,000x the teacher only without a segmenter: segmenting costs more than the BOW itself
     # (bench/students.py). Characters + bigrams carry what a bag of Chinese words does.
-    char_students: list[str] = Field(
+    char_students: list[StudentKind] = Field(
         ["bow"], description="lang zh: student kinds that read characters and character bigrams instead of "
         "segmented words (no segmenter when serving); [] for words everywhere. lang en always reads words")
     max_chars: int = Field(256, gt=0, description="characters per text read by char_students (then their bigrams)")
@@ -155,7 +158,7 @@ class Config(_Section):
     segment: SegmentConfig = SegmentConfig()
     augment: AugmentConfig = AugmentConfig()
     teacher: TeacherConfig = TeacherConfig()
-    students: list[Literal["bow", "cnn", "bilstm"]] = Field(["bow", "bilstm"])
+    students: list[StudentKind] = Field(["bow", "bilstm"])
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     runner: RunnerConfig = Field(default_factory=lambda: RunnerConfig())
@@ -178,13 +181,29 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     return {**raw, "data": data}
 
 
+def _section_keys(loc: tuple) -> list[str] | None:
+    """The valid keys of the section holding the key at ``loc`` (("teacher", "modle") -> TeacherConfig's)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        sub = field.annotation if field is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return None
+        model = sub
+    return list(model.model_fields)
+
+
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `slimflow run --help` lists the sections)"
+            keys = _section_keys(err["loc"])
+            section = ".".join(str(p) for p in err["loc"][:-1])
+            where = f"in {section}" if section else "at the top level"
+            msg = (f"unknown key (check the spelling; valid keys {where}: {', '.join(keys)})" if keys
+                   else "unknown key (check the spelling)")
         elif err["type"] == "literal_error":
             msg = f"{msg} (got {err.get('input')!r})"
         lines.append(f"  {loc}: {msg}")
@@ -195,7 +214,7 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Confi
     """Load a YAML config; relative data paths are resolved against the file's folder."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} not found; pass the path of a YAML file (see README 'Config')")
+        raise ConfigError(f"config file {p} not found; pass the path of a YAML file (see README.md, section Config)")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -228,7 +247,8 @@ class RunnerConfig(_Section):
         "local cluster for the run"
     )
     gpu: float = Field(
-        0, ge=0, description="dask: units of the `GPU` worker resource each GPU task (teacher fit, labelling) "
+        0, ge=0, description="dask: units of the `GPU` worker resource each GPU task (teacher embedding, fine-tuning "
+        "and scoring, labelling, the evaluate stage's teacher timing) "
         "asks for; workers must advertise it (`dask worker ... --resources GPU=1`). 0 = no constraint"
     )
 

@@ -18,7 +18,6 @@ from flows.config import Config
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
-PIPELINE_FLOW = "slimflow-run"
 TAGS = ["slimflow"]
 
 

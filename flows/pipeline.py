@@ -6,6 +6,8 @@ manifest last. The flows only wire stages together; the work is in ``tasks/``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import time
 
@@ -17,12 +19,22 @@ from flows.runners import gpu_tasks, shared_cluster, with_runner
 from flows.stages import StageResult, run_tasks
 from storage.fs import atomic_write_text, exists, read_bytes
 from storage.hashing import fingerprint, sha256_file
-from storage.layout import RunLayout
+from storage.layout import STAGES, RunLayout
 from storage.manifest import Manifest, commit_manifest, read_manifest
 from storage.readers import InputError
 from storage.shards import ShardRef, read_shard
 from tasks.online import find_labelled
 from tasks.prefect_tasks import (
+    AUGMENT_CODE,
+    EVALUATE_CODE,
+    EVALUATE_TEACHER_CODE,
+    EXPORT_CODE,
+    INGEST_CODE,
+    LABEL_CODE,
+    ONLINE_CODE,
+    SEGMENT_CODE,
+    STUDENT_CODE,
+    TEACHER_CODE,
     augment_task,
     code_version,
     embed_task,
@@ -38,8 +50,9 @@ from tasks.prefect_tasks import (
     train_task,
     vocab_task,
 )
+from tasks.teacher.label import assign_devices
 
-PIPELINE = ("ingest", "segment", "augment", "teacher", "label", "train", "export", "evaluate")
+PIPELINE = STAGES  # the stages in the order they run (defined once, in storage/layout.py)
 
 
 class StageOrderError(RuntimeError):
@@ -90,7 +103,7 @@ def ingest_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
                 raise InputError(f"data.{key}: file {path} not found; check the path in the config") from None
     (res,) = run_tasks(ingest_task, [dict(run_dir=out, params=params, input_hashes=hashes)], out, result,
                        "ingest")
-    version = code_version("ingest.py")
+    version = code_version(*INGEST_CODE)
     commit_manifest(
         layout.stage_dir("ingest"),
         Manifest("ingest", fingerprint("ingest", hashes, params, version), params, version, _refs(res["shards"]),
@@ -110,7 +123,7 @@ def segment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     calls = [dict(run_dir=out, shard=r.shard_id, ref=r.to_dict(), lang=config.lang,
                   workers=config.segment.workers) for r in ing.shards]
     refs = _refs(run_tasks(segment_task, calls, out, result, "segment"))
-    version = code_version("segment.py")
+    version = code_version(*SEGMENT_CODE)
     params = {"lang": config.lang}
     commit_manifest(layout.stage_dir("segment"),
                     Manifest("segment", fingerprint("segment", ing.fingerprint, params, version), params, version,
@@ -132,7 +145,7 @@ def augment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     calls = [dict(run_dir=out, shard=r.shard_id, ref=r.to_dict(), table=table, params=params)
              for r in seg.split("train")]
     refs = _refs(run_tasks(augment_task, calls, out, result, "augment"))
-    version = code_version("augment.py")
+    version = code_version(*AUGMENT_CODE)
     commit_manifest(layout.stage_dir("augment"),
                     Manifest("augment", fingerprint("augment", seg.fingerprint, params, version), params, version,
                              refs, extra={"pos_table": table, "labels": seg.extra["labels"]}),
@@ -162,10 +175,13 @@ def teacher_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
         with gpu_tasks(config.runner):
             embeds = run_tasks(embed_task, calls, out, result, "embed")
         splits = {s: [e for e in embeds if e["split"] == s] for s in ("train", "dev", "test")}
-    (fitted,) = run_tasks(fit_teacher_task, [dict(run_dir=out, teacher=t, labels=labels, **splits)], out, result,
-                          "fit-teacher")
+    # A head fit reads the stored embeddings on the CPU; fine-tuning, and scoring a given model (fit: none) on
+    # dev / test, run the teacher on teacher.device.
+    with gpu_tasks(config.runner) if config.teacher.fit != "head" else contextlib.nullcontext():
+        (fitted,) = run_tasks(fit_teacher_task, [dict(run_dir=out, teacher=t, labels=labels, **splits)], out,
+                              result, "fit-teacher")
     meta = fitted["meta"]
-    version = code_version("teacher/fit.py", "teacher/model.py")
+    version = code_version(*TEACHER_CODE)
     commit_manifest(layout.stage_dir("teacher"),
                     Manifest("teacher", fingerprint("teacher", seg.fingerprint, t, version), t, version,
                              _refs(embeds), extra={"teacher": meta, "files": fitted["files"], "labels": labels}))
@@ -188,15 +204,23 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     found = {} if rerun else {i: ref for i, (kind, r) in enumerate(inputs)
                               if (ref := find_labelled(out, kind, r, weights)) is not None}
     result.cached += len(found)
-    devices = teacher_devices(config.teacher.device)
-    # Shards are dealt to devices round-robin; with one device this is just config.teacher.device.
-    calls = [dict(run_dir=out, shard=f"{kind}-{r.index:05d}", ref=r.to_dict(), kind=kind,
-                  teacher={**t, "device": devices[i % len(devices)]}, weights_hash=weights)
-             for i, (kind, r) in enumerate(inputs) if i not in found]
+    # Shards are dealt to devices round-robin, in a stable order (a rerun keeps the assignment); with one device
+    # this is just config.teacher.device. Named by kind, as the label task names its output shard.
+    named = [dataclasses.replace(r, split=kind) for kind, r in inputs]
+    plan = assign_devices(named, teacher_devices(config.teacher.device))
+    device = {ref.shard_id: d for d, refs in plan.items() for ref in refs}
+    calls = [dict(run_dir=out, shard=n.shard_id, ref=r.to_dict(), kind=kind,
+                  teacher={**t, "device": device[n.shard_id]}, weights_hash=weights)
+             for i, ((kind, r), n) in enumerate(zip(inputs, named, strict=True)) if i not in found]
     with gpu_tasks(config.runner):
         asked = iter(_refs(run_tasks(label_task, calls, out, result, "label", progress_key="slimflow-label-progress")))
     refs = [found[i] if i in found else next(asked) for i in range(len(inputs))]
-    version = code_version("teacher/label.py")
+    # Label tasks keep the teacher resident between shards (thread runner: in this process); the stages after
+    # this one do not need it, so give its memory (~0.5 GB for e5-small) back to training.
+    from tasks.teacher.model import release_teachers
+
+    release_teachers()
+    version = code_version(*LABEL_CODE)
     params = {k: t[k] for k in ("batch_tokens", "dtype", "device")}
     commit_manifest(layout.stage_dir("label"),
                     Manifest("label", fingerprint("label", seg.fingerprint, aug.fingerprint, teacher.fingerprint,
@@ -240,7 +264,7 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     trained = run_tasks(train_task, calls, out, result, "train")
     if online:
         trained += run_tasks(online_train_task, online_calls, out, result, "train-online")
-    version = code_version("students/train.py", "students/models.py", "students/losses.py")
+    version = code_version(*(ONLINE_CODE if online else STUDENT_CODE))
     params = {"students": list(config.students), "student": s, "distill": config.distill.model_dump(mode="json")}
     commit_manifest(layout.stage_dir("train"),
                     Manifest("train", fingerprint("train", seg.fingerprint, lab.fingerprint, params, version), params,
@@ -258,7 +282,7 @@ def export_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     distilled = [t for t in tr.extra["students"] if t["mode"] == "distilled"]
     exported = run_tasks(export_task, [dict(run_dir=out, kind=t["kind"], trained=t, lang=config.lang)
                                        for t in distilled], out, result, "export")
-    version = code_version("students/export.py")
+    version = code_version(*EXPORT_CODE)
     commit_manifest(layout.stage_dir("export"),
                     Manifest("export", fingerprint("export", tr.fingerprint, version), {}, version, [],
                              extra={"students": exported}))
@@ -279,13 +303,15 @@ def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     test = [r.to_dict() for r in seg.split("test")]
     texts = [t for r in seg.split("test") for t in read_shard(out, r, columns=["text"]).column("text").to_pylist()]
     texts = texts[:SPEED_TEXTS]
-    (t_speed,) = run_tasks(evaluate_teacher_task, [dict(run_dir=out, teacher=config.teacher.model_dump(mode="json"),
-                                                        weights_hash=teacher.extra["teacher"]["weights_hash"],
-                                                        speed_texts=texts)], out, result, "evaluate-teacher")
+    with gpu_tasks(config.runner):  # the teacher's speed, on teacher.device
+        (t_speed,) = run_tasks(evaluate_teacher_task, [dict(
+            run_dir=out, teacher=config.teacher.model_dump(mode="json"),
+            weights_hash=teacher.extra["teacher"]["weights_hash"], speed_texts=texts)], out, result,
+            "evaluate-teacher")
     evals = run_tasks(evaluate_student_task, [dict(run_dir=out, kind=t["kind"], mode=t["mode"], trained=t, test=test,
                                                    lang=config.lang, speed_texts=texts)
                                               for t in tr.extra["students"]], out, result, "evaluate")
-    version = code_version("evaluate.py", "students/evaluate.py")
+    version = code_version(*STUDENT_CODE, *EVALUATE_CODE, *EVALUATE_TEACHER_CODE)
     commit_manifest(layout.stage_dir("evaluate"),
                     Manifest("evaluate", fingerprint("evaluate", teacher.fingerprint, tr.fingerprint, version), {},
                              version, [], extra={"teacher": {**teacher.extra["teacher"].get("metrics", {}).get(
@@ -316,6 +342,9 @@ STAGE_FLOWS = {"ingest": ingest_flow, "segment": segment_flow, "augment": augmen
 
 DEVICE_STAGES = ("teacher", "label", "evaluate")
 CPU_STAGES = ("train",)
+# The stages whose tasks run one per shard (their `shard` parameter), so `slimflow rerun --shard` can pick them;
+# the teacher stage only with teacher.fit: head (an embed task per shard). The others run as a whole.
+SHARD_STAGES = ("segment", "augment", "teacher", "label")
 
 
 def teacher_devices(device: str) -> list[str]:
@@ -333,6 +362,12 @@ def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None =
     """
     layout = RunLayout(out)
     if config.distill.mode == "online":  # the train stage asks the teacher service instead (issue 6)
+        if stages and all(s == "label" for s in stages):
+            raise ValueError(
+                "distill.mode is online: there is no label stage, the train stage asks the teacher service while "
+                "the students train (and keeps every answer); start the service (`slimflow teacher serve CONFIG "
+                f"--out {out}`) and run `slimflow train CONFIG --out {out}`, or set distill.mode: offline to label "
+                "every row ahead of training")
         stages = [s for s in stages if s != "label"]
     atomic_write_text(layout.path("config.json"), config.model_dump_json(indent=1))  # what `rerun` reloads
     results = []
@@ -361,13 +396,18 @@ def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None =
 def rerun_stages(out: str, stage: str, shards: list[str] | None = None) -> dict:
     """Recompute ``stage`` (only ``shards`` of it, when given) and everything downstream that depends on it,
     up to the last stage the run directory had completed."""
+    if stage not in PIPELINE:
+        raise ValueError(f"--stage {stage!r} is not a stage; choose one of: {', '.join(PIPELINE)}")
+    if shards and stage not in SHARD_STAGES:
+        raise ValueError(_no_shard_tasks(stage))
     layout = RunLayout(out)
     path = layout.path("config.json")
     if not exists(path):
         raise StageOrderError(f"{out} has no config.json: it is not a slimflow run directory (or predates it)")
     config = Config.model_validate_json(read_bytes(path))
-    if stage not in PIPELINE:
-        raise ValueError(f"--stage {stage!r} is not a stage; choose one of: {', '.join(PIPELINE)}")
+    if shards and stage == "teacher" and config.teacher.fit != "head":
+        raise ValueError(_no_shard_tasks(stage, f" with teacher.fit: {config.teacher.fit} (only fit: head embeds "
+                                                "the shards one task each)"))
     done = [s for s in PIPELINE if read_manifest(layout.stage_dir(s)) is not None]
     if stage not in done:
         raise StageOrderError(f"stage {stage} of {out} has not completed; use `slimflow run` to finish it")
@@ -379,6 +419,12 @@ def rerun_stages(out: str, stage: str, shards: list[str] | None = None) -> dict:
     last = PIPELINE.index(done[-1])
     return run_stages(config, out, list(PIPELINE[PIPELINE.index(stage) : last + 1]),
                       rerun={"stage": stage, "shards": list(shards or []), "dirty": []})
+
+
+def _no_shard_tasks(stage: str, why: str = "") -> str:
+    return (f"--shard does not apply to the {stage} stage{why}: its tasks run on the whole stage, not one per "
+            "shard; drop --shard to rerun the whole stage (--shard applies to segment, augment, label, and teacher "
+            "with teacher.fit: head)")
 
 
 def _stage_inputs(layout: RunLayout, stage: str) -> list[ShardRef]:

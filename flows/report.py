@@ -1,5 +1,10 @@
-"""report.json (the contract in DESIGN.md), report.md and a plot, rebuilt from the committed manifests, and
-published as Prefect artifacts (``slimflow-report``, ``slimflow-report-table``).
+"""report.json, report.md and a plot, rebuilt from the committed manifests, and published as Prefect artifacts
+(``slimflow-report``, ``slimflow-report-table``).
+
+report.json's top-level keys (see ``write_report``): ``task``, ``lang``, ``rows``, ``teacher``,
+``students`` (per kind: baseline / distilled accuracy, macro-F1, MCC, texts/s, params, size, speedup, gap
+recovered), ``timing_s``, ``tasks`` (executed / cached, per stage under ``by_stage``), ``stages``, ``config``,
+``updated_at`` (and ``plot`` when report.png was drawn).
 
 Every figure comes from the manifests on disk, not from what this process happened to run, so the report of a
 partial rerun is still the state of the whole run directory.

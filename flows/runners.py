@@ -4,8 +4,9 @@ A stage flow is written once; :func:`with_runner` gives it a thread pool, a proc
 call time (``flow.with_options(task_runner=...)``). The runner changes speed only: every task reads and writes
 shards through ``storage/``, so the outputs are byte-identical whichever runner ran them.
 
-Dask workers run the tasks in other processes, possibly on other machines: they need the run directory on a
-shared filesystem (or ``s3://``), the same slimflow version and the same model cache (docs/operations.md).
+Dask workers run the tasks in other processes, possibly on other machines: they need the run directory at the
+same local path on each (a shared filesystem or mounted volume), the same slimflow version and the same model
+cache (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ def shared_cluster(runner: RunnerConfig) -> Iterator[RunnerConfig]:
 
 @contextlib.contextmanager
 def gpu_tasks(runner: RunnerConfig) -> Iterator[None]:
-    """Wrap the submission of GPU tasks (teacher fit, labelling): on Dask with ``runner.gpu`` set, each task
-    asks for that much of the workers' ``GPU`` resource, so no worker runs more GPU tasks than it has GPUs.
-    A no-op for the other runners (they share one machine's GPUs through ``teacher.device``)."""
+    """Wrap the submission of GPU tasks (the teacher's embedding, fine-tuning and scoring, labelling, and its
+    timing in the evaluate stage): on Dask with ``runner.gpu`` set, each task asks for that much of the workers'
+    ``GPU`` resource, so no worker runs more GPU tasks than it has GPUs. A no-op for the other runners (they
+    share one machine's GPUs through ``teacher.device``)."""
     if runner.kind != "dask" or not runner.gpu:
         yield
         return

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from storage.fs import join
 
-STAGES = ("ingest", "segment", "augment", "teacher", "label", "train", "evaluate", "export")
+# The pipeline's stages in the order they run: the one definition (flows.pipeline.PIPELINE and the CLI use it).
+STAGES = ("ingest", "segment", "augment", "teacher", "label", "train", "export", "evaluate")
 
 
 @dataclass(frozen=True)

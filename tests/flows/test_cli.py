@@ -35,6 +35,23 @@ def test_errors_are_one_line_with_a_fix(tmp_path, capsys):
     assert main(["ingest", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "augment.n_iters: unknown key" in err and "lang" in err and "'zh'" in err
+    assert "valid keys in augment: n_iter, p_mask" in err  # the section's own keys, not a pointer elsewhere
+
+    bad.write_text("data: {train: t.csv}\nstudent: {char_students: [bwo]}\nteacherr: {}\n")
+    assert main(["ingest", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "student.char_students.0" in err and "'bwo'" in err  # a typo'd kind is an error, not ignored
+    assert "teacherr: unknown key" in err and "valid keys at the top level: name, lang, data" in err
+
+
+def test_label_in_online_mode_is_an_error_not_a_silent_no_op(tmp_path, capsys):
+    cfg = tmp_path / "online.yaml"
+    cfg.write_text("name: o\ndata: {train: t.csv}\ndistill: {mode: online}\n")
+    out = tmp_path / "run"
+    assert main(["label", str(cfg), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "distill.mode is online: there is no label stage" in err and "slimflow train" in err
+    assert not out.exists()  # refused before anything was written
 
 
 def test_data_export_writes_disjoint_splits(tmp_path, capsys):

@@ -1,9 +1,12 @@
 """`slimflow rerun --stage label --shard ONE`: exactly that shard's label task, then only what reads its output."""
 
+import os
+
 import pytest
 
-from flows.config import load_config
+from flows.config import Config, load_config
 from flows.pipeline import rerun_stages, run_flow
+from storage.fs import atomic_write_text
 from storage.layout import RunLayout
 from storage.manifest import read_manifest
 from tests.flows.test_faults import _chain_config
@@ -30,3 +33,23 @@ def test_rerun_one_label_shard_then_only_its_dependents(tmp_path):
     assert by["train"] == {"executed": len(config.students), "cached": len(units) + len(config.students)}
     assert _hashes(out, "label") == labels  # the other shards (and this one, recomputed) keep their hashes
     assert set(by) == {"label", "train"}
+
+
+@pytest.mark.parametrize("stage", ["ingest", "train", "export", "evaluate"])
+def test_shard_is_refused_for_a_stage_without_shard_tasks(tmp_path, stage):
+    # checked before anything is read or run: no run directory is needed
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=f"--shard does not apply to the {stage} stage") as e:
+        rerun_stages(out, stage, ["train-00000"])
+    assert "segment, augment, label, and teacher with teacher.fit: head" in str(e.value)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("fit", ["finetune", "none"])
+def test_shard_is_refused_for_the_teacher_stage_unless_it_embeds_per_shard(tmp_path, fit):
+    out = str(tmp_path / "run")
+    config = Config(name="r", data={"train": "t.csv"}, teacher={"fit": fit})
+    atomic_write_text(os.path.join(out, "config.json"), config.model_dump_json())
+    with pytest.raises(ValueError, match=f"--shard does not apply to the teacher stage with teacher.fit: {fit}"):
+        rerun_stages(out, "teacher", ["train-00000"])
+    assert os.listdir(out) == ["config.json"]  # nothing ran
