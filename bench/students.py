@@ -212,8 +212,8 @@ def main() -> None:
     for g in goals:
         print(f"goal {g['name']}: {g['value']:,.1f} (target >= {g['target']:,.0f}) "
               f"{'MET' if g['value'] >= g['target'] else 'NOT MET'}")
-    tok_note = ("tokenisation: tasks.students.fastseg (rjieba + jieba's re_skip fix-up; equal to tasks.segment's "
-                "words on the test corpus)" if fastseg.available() else
+    tok_note = ("tokenisation: tasks.fastseg (rjieba + jieba's re_skip fix-up; equal to jieba's words on the "
+                "test corpus)" if fastseg.available() else
                 "tokenisation: tasks.segment.tokenize (jieba); install rjieba for the fast path")
     print(tok_note)
     result = {
