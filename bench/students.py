@@ -6,8 +6,8 @@ Students: exported with tasks.students.export and served by its Predictor as `sl
 auto), untrained weights, 50k vocabularies (the corpus's tokens + filler) and StudentConfig's default sizes. The
 BOW reads characters + bigrams (student.char_students, the zh default); "bow-words" is the same BOW over words.
 Teacher: the bundled default (multilingual-e5-small, converted once by tasks.teacher) with a 2-class head, run
-through label_texts, the labelling stage's own path; a random-weight BertModel of the same shape if that cannot be
-loaded.
+through label_texts, the labelling stage's own path, with the config's default token budget (teacher.batch_tokens)
+as the pipeline runs it; a random-weight BertModel of the same shape if that cannot be loaded.
 
     .venv/bin/python bench/students.py            # writes bench/results/students.json
 """
@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.config import StudentConfig  # noqa: E402
+from flows.config import StudentConfig, TeacherConfig  # noqa: E402
 from tasks import fastseg  # noqa: E402
 from tasks.students.evaluate import measure_throughput, size_on_disk  # noqa: E402
 from tasks.students.export import Predictor, export_model, tokenize  # noqa: E402
@@ -62,8 +62,13 @@ def load_teacher_fn():
 
         t = load_base_teacher("default", device="cpu")
         t.head, t.kind, t.labels = make_head(384, len(LABELS)).eval(), "head", list(LABELS)
-        return (lambda b: label_texts(t, b)), (f"tasks.teacher default ({t.name}, frozen encoder + logreg head, "
-                                               f"{t.dtype}, label_texts path, max_length {t.max_length})")
+        # The teacher as the pipeline runs it: the config's token budget, so a batch of 32 is cut into
+        # length-sorted sub-batches (label_texts' own default, sized for GPUs, pads all 32 to the longest and
+        # ran ~1.4x slower here, which would flatter the students).
+        budget = TeacherConfig().batch_tokens
+        return (lambda b: label_texts(t, b, batch_tokens=budget)), (
+            f"tasks.teacher default ({t.name}, frozen encoder + logreg head, {t.dtype}, label_texts path, "
+            f"max_length {t.max_length}, batch_tokens {budget})")
     except Exception as e:  # the bench must still give a baseline; say which one it used
         print(f"note: default teacher unavailable ({type(e).__name__}: {e}); using a random BertModel", file=sys.stderr)
     import torch
