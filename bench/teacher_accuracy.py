@@ -30,27 +30,6 @@ import numpy as np  # noqa: E402
 TARGET = 0.84  # issue 3: the default teacher's test accuracy on zh-reviews trained on its train split
 
 
-def fit_logreg_on_dev(x, y, xd, yd, n_classes: int):
-    """The teacher stage's logreg recipe (fit_head): every C in LOGREG_CS, best dev accuracy, ties -> smaller C."""
-    from tasks.students.evaluate import classification_metrics
-    from tasks.teacher.fit import LOGREG_CS, fit_logreg
-
-    best = None
-    for c in LOGREG_CS:
-        h = fit_logreg(x, y, n_classes, c)
-        m = classification_metrics(yd, predict(h, xd), n_classes)
-        if best is None or (m["accuracy"], m["macro_f1"]) > (best[1]["accuracy"], best[1]["macro_f1"]):
-            best = (h, m, c)
-    return best
-
-
-def predict(head, x) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return head(torch.from_numpy(x)).argmax(1).numpy()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--splits", type=int, default=16, help="random re-splits of the pool (default 16)")
@@ -64,7 +43,7 @@ def main() -> None:
 
     from tasks.datasets import load_rows, split_rows
     from tasks.students.evaluate import classification_metrics
-    from tasks.teacher.fit import embed_texts, fit_mlp
+    from tasks.teacher.fit import embed_texts, fit_logreg_on_dev, fit_mlp, predict_head
     from tasks.teacher.model import load_base_teacher
 
     t_start = time.perf_counter()
@@ -84,8 +63,9 @@ def main() -> None:
     print(f"embedded {len(pool)} reviews in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def run_logreg(idx) -> dict:
-        h, dev_m, c = fit_logreg_on_dev(x[idx["train"]], y[idx["train"]], x[idx["dev"]], y[idx["dev"]], len(labels))
-        test_m = classification_metrics(y[idx["test"]], predict(h, x[idx["test"]]), len(labels))
+        h, dev_m, c, _ = fit_logreg_on_dev(x[idx["train"]], y[idx["train"]], x[idx["dev"]], y[idx["dev"]],
+                                           len(labels))
+        test_m = classification_metrics(y[idx["test"]], predict_head(h, x[idx["test"]]), len(labels))
         return {"C": c, "dev_accuracy": dev_m["accuracy"], "test_accuracy": test_m["accuracy"],
                 "test_macro_f1": test_m["macro_f1"]}
 
@@ -93,8 +73,8 @@ def main() -> None:
     torch.manual_seed(0)
     export_logreg = run_logreg(official)
     mlp = fit_mlp(x[official["train"]], y[official["train"]], x[official["dev"]], y[official["dev"]], len(labels))
-    mlp_dev = classification_metrics(y[official["dev"]], predict(mlp, x[official["dev"]]), len(labels))
-    mlp_test = classification_metrics(y[official["test"]], predict(mlp, x[official["test"]]), len(labels))
+    mlp_dev = classification_metrics(y[official["dev"]], predict_head(mlp, x[official["dev"]]), len(labels))
+    mlp_test = classification_metrics(y[official["test"]], predict_head(mlp, x[official["test"]]), len(labels))
     export_mlp = {"dev_accuracy": mlp_dev["accuracy"], **{f"test_{k}": v for k, v in mlp_test.items()}}
     print(f"export split: logreg dev {export_logreg['dev_accuracy']:.3f} test {export_logreg['test_accuracy']:.3f}"
           f" (C={export_logreg['C']}); mlp dev {export_mlp['dev_accuracy']:.3f} test {export_mlp['test_accuracy']:.3f}",

@@ -28,7 +28,6 @@ from tasks.online import find_labelled
 from tasks.prefect_tasks import (
     AUGMENT_CODE,
     EVALUATE_CODE,
-    EVALUATE_TEACHER_CODE,
     EXPORT_CODE,
     INGEST_CODE,
     LABEL_CODE,
@@ -315,7 +314,7 @@ def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     evals = run_tasks(evaluate_student_task, [dict(run_dir=out, kind=t["kind"], mode=t["mode"], trained=t, test=test,
                                                    lang=config.lang, speed_texts=texts)
                                               for t in tr.extra["students"]], out, result, "evaluate")
-    version = code_version(*STUDENT_CODE, *EVALUATE_CODE, *EVALUATE_TEACHER_CODE)
+    version = code_version(*STUDENT_CODE, *EVALUATE_CODE)
     commit_manifest(layout.stage_dir("evaluate"),
                     Manifest("evaluate", fingerprint("evaluate", teacher.fingerprint, tr.fingerprint, version), {},
                              version, [], extra={"teacher": {**teacher.extra["teacher"].get("metrics", {}).get(
@@ -426,9 +425,10 @@ def rerun_stages(out: str, stage: str, shards: list[str] | None = None) -> dict:
 
 
 def _no_shard_tasks(stage: str, why: str = "") -> str:
+    takes = ", ".join(s for s in SHARD_STAGES if s != "teacher")
     return (f"--shard does not apply to the {stage} stage{why}: its tasks run on the whole stage, not one per "
-            "shard; drop --shard to rerun the whole stage (--shard applies to segment, augment, label, and teacher "
-            "with teacher.fit: head)")
+            f"shard; drop --shard to rerun the whole stage (--shard applies to {takes}, and teacher with "
+            "teacher.fit: head)")
 
 
 def _stage_inputs(layout: RunLayout, stage: str) -> list[ShardRef]:

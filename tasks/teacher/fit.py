@@ -181,7 +181,20 @@ def fit_mlp(x, y, x_dev, y_dev, n_classes: int, *, hidden: int = MLP_HIDDEN, epo
     return head.eval()
 
 
-def _predict(head, x: np.ndarray) -> np.ndarray:
+def fit_logreg_on_dev(x: np.ndarray, y: np.ndarray, xd: np.ndarray, yd: np.ndarray, n_classes: int):
+    """Logistic regression for every C in ``LOGREG_CS``, the best on dev accuracy (then macro-F1) kept; ties keep
+    the smaller C (stronger regularisation). Returns (head, its dev metrics, C, every C's dev metrics)."""
+    best, search = None, []
+    for c in LOGREG_CS:
+        h = fit_logreg(x, y, n_classes, c)
+        m = classification_metrics(yd, predict_head(h, xd), n_classes)
+        search.append({"C": c, **m})
+        if best is None or (m["accuracy"], m["macro_f1"]) > (best[1]["accuracy"], best[1]["macro_f1"]):
+            best = (h, m, c)
+    return best[0], best[1], best[2], search
+
+
+def predict_head(head, x: np.ndarray) -> np.ndarray:
     import torch
 
     with torch.no_grad():
@@ -228,25 +241,18 @@ def fit_head(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[Sh
     if len(x) == 0 or len(xd) == 0:
         raise TeacherError(f"fit_head needs labelled train and dev embeddings, got {len(x)} train, {len(xd)} dev")
     torch.manual_seed(seed)
-    search: list[dict] = []
+    search: list[dict] = []  # logreg: dev metrics of every C tried
     if head == "logreg":
-        best = None
-        for c in LOGREG_CS:
-            h = fit_logreg(x, y, len(labels), c)
-            m = classification_metrics(yd, _predict(h, xd), len(labels))
-            search.append({"C": c, **m})
-            # ties keep the smaller C (stronger regularisation)
-            if best is None or (m["accuracy"], m["macro_f1"]) > (best[1]["accuracy"], best[1]["macro_f1"]):
-                best = (h, m, c)
-        fitted, dev_m, head_config = best[0], best[1], {"type": "logreg", "C": best[2], "dim": x.shape[1]}
+        fitted, dev_m, c, search = fit_logreg_on_dev(x, y, xd, yd, len(labels))
+        head_config = {"type": "logreg", "C": c, "dim": x.shape[1]}
     else:
         fitted = fit_mlp(x, y, xd, yd, len(labels), seed=seed)
-        dev_m = classification_metrics(yd, _predict(fitted, xd), len(labels))
+        dev_m = classification_metrics(yd, predict_head(fitted, xd), len(labels))
         head_config = {"type": "mlp", "hidden": MLP_HIDDEN, "dim": x.shape[1]}
     metrics = {"dev": dev_m}
     if test_refs:
         xt, yt = read_embeddings(run_dir, test_refs, labels)
-        metrics["test"] = classification_metrics(yt, _predict(fitted, xt), len(labels))
+        metrics["test"] = classification_metrics(yt, predict_head(fitted, xt), len(labels))
     base = resolve_base(model, cache_dir)
     try:
         base_hash = base_weights_hash(base)
