@@ -164,7 +164,7 @@ def _encode(cps, lens, max_chars, unigram, space, keys, vals, bits):
                 continue
             ids[r, k] = unigram[cp] if cp < bmp else _probe(keys, vals, bits, cp)
             if k > 0:
-                ids[r, n[r] + k - 1] = _probe(keys, vals, bits, (prev + 1) * 0x110000 + cp)
+                ids[r, n[r] + k - 1] = _probe(keys, vals, bits, (prev + 1) * N_CODEPOINTS + cp)  # as _key
             prev = cp
             k += 1
         start += lens[r]
