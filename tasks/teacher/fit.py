@@ -35,6 +35,7 @@ from tasks.teacher.model import (
     TeacherError,
     base_weights_hash,
     cached_teacher,
+    check_truncation,
     load_base_teacher,
     load_seqcls,
     make_head,
@@ -67,12 +68,12 @@ def label_indices(names: Sequence[str | None], labels: Sequence[str]) -> np.ndar
 
 
 # ---------------------------------------------------------------------------------------------- embedding
-def _encoder(model, cache_dir, device, dtype, threads, max_length, trust_remote_code) -> Teacher:
+def _encoder(model, cache_dir, device, dtype, threads, max_length, trust_remote_code, truncation="head") -> Teacher:
     set_threads(threads)
-    key = ("encoder", model, cache_dir, device, dtype, threads, max_length, trust_remote_code)
+    key = ("encoder", model, cache_dir, device, dtype, threads, max_length, truncation, trust_remote_code)
     return cached_teacher(key, lambda: load_base_teacher(
         model, cache_dir=cache_dir, device=device, dtype=dtype, threads=threads, max_length=max_length,
-        trust_remote_code=trust_remote_code))
+        truncation=truncation, trust_remote_code=trust_remote_code))
 
 
 def embed_texts(teacher: Teacher, texts: Sequence[str], *, batch_tokens: int = 16384) -> np.ndarray:
@@ -84,13 +85,15 @@ def embed_texts(teacher: Teacher, texts: Sequence[str], *, batch_tokens: int = 1
 
 def embed_shard(run_dir: str, ref: ShardRef, out_rel_dir: str, *, model: str = "default",
                 cache_dir: str | None = None, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                max_length: int = 128, batch_tokens: int = 16384, trust_remote_code: bool = False) -> ShardRef:
+                max_length: int = 128, truncation: str = "head", batch_tokens: int = 16384,
+                trust_remote_code: bool = False) -> ShardRef:
     """Embed one labelled SEGMENT shard with the frozen encoder; write an ``EMBED`` shard (id, label, vector).
 
     The encoder stays loaded between calls in one process. The output records the input shard's hash and
-    the encoder's weights hash as its inputs.
+    the encoder's weights hash as its inputs. ``truncation``: which tokens of a text over ``max_length`` are
+    read (``tasks.teacher.model.TRUNCATIONS``).
     """
-    teacher = _encoder(model, cache_dir, device, dtype, threads, max_length, trust_remote_code)
+    teacher = _encoder(model, cache_dir, device, dtype, threads, max_length, trust_remote_code, truncation)
     table = read_shard(run_dir, ref, columns=["id", "text", "label"])
     emb = embed_texts(teacher, table.column("text").to_pylist(), batch_tokens=batch_tokens)
     n, d = emb.shape
@@ -224,7 +227,7 @@ def _combined_hash(base_hash: str, head) -> str:
 def fit_head(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[ShardRef], teacher_dir: str, *,
              labels: Sequence[str], model: str = "default", head: str = "logreg",
              test_refs: Sequence[ShardRef] = (), cache_dir: str | None = None, max_length: int = 128,
-             seed: int = 0, trust_remote_code: bool = False) -> dict:
+             truncation: str = "head", seed: int = 0, trust_remote_code: bool = False) -> dict:
     """Fit a head on ``embed_shard`` outputs and save the teacher into ``teacher_dir``; returns teacher.json.
 
     ``head``: ``logreg`` (C picked on dev accuracy from ``LOGREG_CS``) or ``mlp`` (early stopping on dev).
@@ -234,6 +237,7 @@ def fit_head(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[Sh
 
     if head not in ("logreg", "mlp"):
         raise TeacherError(f"teacher.head {head!r} is not one of logreg, mlp")
+    check_truncation(truncation)
     t0 = time.perf_counter()
     labels = list(labels)
     x, y = read_embeddings(run_dir, train_refs, labels)
@@ -261,7 +265,8 @@ def fit_head(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[Sh
     meta = {
         "kind": "head", "name": f"{base.name}+{head}", "base_model": base.ref, "base_hash": base_hash,
         "labels": labels, "head": head, "head_config": head_config, "prefix": base.prefix,
-        "pooling": "mean", "max_length": max_length, "weights_hash": _combined_hash(base_hash, fitted),
+        "pooling": "mean", "max_length": max_length, "truncation": truncation,
+        "weights_hash": _combined_hash(base_hash, fitted),
         "metrics": metrics, "search": search, "train_rows": int(len(x)), "seed": seed,
         "fit_seconds": round(time.perf_counter() - t0, 3),
     }
@@ -282,8 +287,8 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
                      *, labels: Sequence[str], model: str = "default", test_refs: Sequence[ShardRef] = (),
                      epochs: int = 3, lr: float = 3e-5, batch_size: int = 32, patience: int = 1,
                      device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                     max_length: int = 128, batch_tokens: int = 16384, cache_dir: str | None = None,
-                     seed: int = 0, trust_remote_code: bool = False) -> dict:
+                     max_length: int = 128, truncation: str = "head", batch_tokens: int = 16384,
+                     cache_dir: str | None = None, seed: int = 0, trust_remote_code: bool = False) -> dict:
     """Fine-tune encoder + linear head (mean pooling) on SEGMENT shards; keep the best dev epoch.
 
     Stops after ``patience`` epochs without a better dev accuracy. Saves the encoder and tokenizer under
@@ -301,7 +306,8 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
     base = resolve_base(model, cache_dir)
     # fp32 master weights; autocast supplies the low precision where the device has it
     t = load_base_teacher(model, cache_dir=cache_dir, device=device, dtype=dtype, threads=threads,
-                          max_length=max_length, trust_remote_code=trust_remote_code, autocast=True)
+                          max_length=max_length, truncation=truncation, trust_remote_code=trust_remote_code,
+                          autocast=True)
     t.kind, t.labels = "finetune", labels
     dim = t.model.config.hidden_size
     t.head = make_head(dim, len(labels)).to(t.device)
@@ -362,7 +368,8 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
         "kind": "finetune", "name": f"{base.name}+finetune", "base_model": base.ref,
         "base_hash": base.source_hash, "labels": labels, "head": "linear",
         "head_config": {"type": "linear", "dim": dim}, "prefix": base.prefix, "pooling": "mean",
-        "max_length": max_length, "weights_hash": _combined_hash(state_hash(t.model), t.head),
+        "max_length": max_length, "truncation": truncation,
+        "weights_hash": _combined_hash(state_hash(t.model), t.head),
         "metrics": metrics, "history": history, "train_rows": len(texts), "seed": seed,
         "params": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience},
         "fit_seconds": round(time.perf_counter() - t0, 3),
@@ -403,11 +410,12 @@ def map_labels(task_labels: Sequence[str], model_labels: Sequence[str],
 
 
 def adopt_pretrained(teacher_dir: str, *, labels: Sequence[str], model: str,
-                     label_map: dict[str, str] | None = None, max_length: int = 128,
+                     label_map: dict[str, str] | None = None, max_length: int = 128, truncation: str = "head",
                      cache_dir: str | None = None, trust_remote_code: bool = False) -> dict:
     """``fit: none``: use a sequence-classification checkpoint as is; record its label mapping."""
     from transformers import AutoConfig
 
+    check_truncation(truncation)
     if model == "default":
         raise TeacherError("the default teacher (e5) has no classifier: use fit: head (or finetune), or set "
                            "teacher.model to a fine-tuned sequence-classification checkpoint")
@@ -424,7 +432,7 @@ def adopt_pretrained(teacher_dir: str, *, labels: Sequence[str], model: str,
         "kind": "pretrained", "name": base.name, "base_model": base.ref, "base_hash": None,
         "labels": list(labels), "model_labels": model_labels, "label_index": index,
         "label_map": label_map or None, "head": None, "prefix": base.prefix, "max_length": max_length,
-        "weights_hash": weights_hash, "metrics": {},
+        "truncation": truncation, "weights_hash": weights_hash, "metrics": {},
     }
     return _save_teacher(teacher_dir, meta)
 

@@ -32,10 +32,20 @@ HEAD_FILE = "head.safetensors"
 ENCODER_DIR = "encoder"  # fit: finetune saves its encoder (and tokenizer) here
 FORMAT = 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+# Which tokens of a text longer than max_length the teacher reads (teacher.truncation). head_tail keeps the
+# first quarter of the budget and the last three quarters: Sun et al. 2019 ("How to fine-tune BERT for text
+# classification", table 3) found head 128 + tail 382 of 512 the best on long IMDb / Sogou documents.
+TRUNCATIONS = ("head", "head_tail")
 
 
 class TeacherError(ValueError):
     """A teacher cannot be loaded or does not fit the task: the message says what and how to fix it."""
+
+
+def check_truncation(truncation: str) -> str:
+    if truncation not in TRUNCATIONS:
+        raise TeacherError(f"teacher.truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+    return truncation
 
 
 # ----------------------------------------------------------------------------------------- device / dtype
@@ -239,6 +249,7 @@ class Teacher:
     prefix: str = ""
     label_index: list[int] | None = None  # pretrained: model logit column of each task label
     max_length: int = 128
+    truncation: str = "head"  # head | head_tail: which tokens of a longer text the teacher reads (TRUNCATIONS)
     device: Any = None
     dtype: Any = None
     autocast: bool = False  # True: fp32 weights under torch.autocast; False: weights cast to dtype
@@ -247,8 +258,10 @@ class Teacher:
     # HF fast tokenizers raise "Already borrowed" when two threads re-set truncation at once (two label
     # tasks sharing this teacher in a threaded task runner): one tokenising call at a time.
     _tok_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _specials: tuple[list[int], list[int]] | None = field(default=None, repr=False)  # see special_ids
 
     def __post_init__(self) -> None:
+        check_truncation(self.truncation)
         # A max_length past the model's positions would fail deep inside the forward with a shape error.
         cfg = getattr(self.model, "config", None)
         positions = getattr(cfg, "max_position_embeddings", None)
@@ -268,11 +281,58 @@ class Teacher:
         return [self.prefix + t.replace(MASK_PLACEHOLDER, mask) for t in texts]
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids per text (specials included, truncated to ``max_length``), unpadded."""
+        """Token ids per text (specials included, at most ``max_length``), unpadded. A longer text keeps its
+        first tokens (``truncation`` head) or its first and last ones (head_tail, see ``head_tail``)."""
+        if self.truncation == "head":
+            with self._tok_lock:
+                enc = self.tokenizer(self.prepare_texts(texts), truncation=True, max_length=self.max_length,
+                                     padding=False, return_attention_mask=False, return_token_type_ids=False)
+            return enc["input_ids"]
+        lead, trail = self.special_ids()
+        prefix = self._prefix_ids()
+        return [lead + head_tail(ids, self.max_length - len(lead) - len(trail), prefix) + trail
+                for ids in self._body_ids(texts)]
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens per text before truncation, specials included: over ``max_length`` means truncated."""
+        lead, trail = self.special_ids()
+        return [len(lead) + len(ids) + len(trail) for ids in self._body_ids(texts)]
+
+    def count_truncated(self, texts: list[str]) -> int:
+        """How many of ``texts`` the teacher reads truncated (more tokens than ``max_length``)."""
+        return sum(n > self.max_length for n in self.token_counts(texts))
+
+    def _body_ids(self, texts: list[str]) -> list[list[int]]:
         with self._tok_lock:
-            enc = self.tokenizer(self.prepare_texts(texts), truncation=True, max_length=self.max_length,
-                                 padding=False, return_attention_mask=False, return_token_type_ids=False)
+            enc = self.tokenizer(self.prepare_texts(texts), add_special_tokens=False, truncation=False,
+                                 padding=False, return_attention_mask=False, return_token_type_ids=False,
+                                 verbose=False)  # no "longer than the model's maximum" warning: we cut below
         return enc["input_ids"]
+
+    def _prefix_ids(self) -> list[int]:
+        if not self.prefix:
+            return []
+        with self._tok_lock:
+            return self.tokenizer(self.prefix, add_special_tokens=False)["input_ids"]
+
+    def special_ids(self) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) the text that the tokenizer's own post-processor adds to one sequence:
+        ([CLS], [SEP]) for BERT, ([<s>], [</s>]) for XLM-R / e5. Read off the tokenizer by encoding its mask (or
+        unk) token, one id whatever the vocabulary, with and without specials; a generic
+        ``PreTrainedTokenizerFast`` keeps its template in the Rust post-processor, where
+        ``build_inputs_with_special_tokens`` does not look."""
+        if self._specials is None:
+            tok = self.tokenizer
+            probe = self.mask_token
+            with self._tok_lock:
+                bare = tok(probe, add_special_tokens=False)["input_ids"]
+                full = tok(probe, add_special_tokens=True)["input_ids"]
+            at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
+            if len(bare) != 1 or at is None or len(full) - 1 != tok.num_special_tokens_to_add(pair=False):
+                raise TeacherError(f"cannot tell where the tokenizer of {self.name!r} puts its special tokens "
+                                   f"({probe!r} -> {full}); use teacher.truncation: head")
+            self._specials = (full[:at], full[at + 1 :])
+        return self._specials
 
     @property
     def pad_id(self) -> int:
@@ -308,6 +368,19 @@ class Teacher:
         return self.head(self.embed(input_ids, attention_mask))
 
 
+def head_tail(ids: list[int], budget: int, prefix: list[int] = ()) -> list[int]:
+    """``ids`` (specials excluded) cut to ``budget`` tokens: the instruction ``prefix`` (e5's ``query:``) where
+    ``ids`` starts with it, then the first quarter (rounded) of what is left and the rest from the end of the
+    text (Sun et al. 2019: head 128 + tail 382 of BERT's 510)."""
+    if len(ids) <= budget:
+        return list(ids)
+    keep = len(prefix) if list(ids[: len(prefix)]) == list(prefix) and len(prefix) < budget else 0
+    room = budget - keep
+    head = (room + 2) // 4
+    tail = room - head
+    return list(ids[: keep + head]) + (list(ids[len(ids) - tail :]) if tail else [])
+
+
 def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autocast: bool | None) -> Teacher:
     import torch
 
@@ -329,12 +402,13 @@ def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autoc
 
 def load_base_teacher(model: str = "default", *, cache_dir: str | None = None, device: str = "auto",
                       dtype: str = "auto", threads: int | None = None, max_length: int = 128,
-                      trust_remote_code: bool = False, autocast: bool | None = None) -> Teacher:
+                      truncation: str = "head", trust_remote_code: bool = False,
+                      autocast: bool | None = None) -> Teacher:
     """The frozen encoder alone (kind ``encoder``): what ``embed_shard`` runs before a head exists."""
     base = resolve_base(model, cache_dir)
     enc = load_encoder(base, trust_remote_code)
     t = Teacher(name=base.name, kind="encoder", labels=[], tokenizer=load_tokenizer(base.path, trust_remote_code),
-                model=enc, prefix=base.prefix, max_length=max_length,
+                model=enc, prefix=base.prefix, max_length=max_length, truncation=truncation,
                 weights_hash=base_weights_hash(base, enc), info={"base_model": base.ref})
     return _place(t, device, dtype, threads, autocast)
 
@@ -370,24 +444,27 @@ def cached_teacher(key: tuple, load) -> Teacher:
 
 
 def load_teacher(teacher_dir: str, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                 max_length: int | None = None, cache_dir: str | None = None, trust_remote_code: bool = False,
-                 autocast: bool | None = None, reuse: bool = True) -> Teacher:
+                 max_length: int | None = None, truncation: str | None = None, cache_dir: str | None = None,
+                 trust_remote_code: bool = False, autocast: bool | None = None, reuse: bool = True) -> Teacher:
     """Load a fitted teacher directory (``teacher.json`` + weights). Reused across calls in one process.
 
     Labelling calls this once per shard; ``reuse`` keeps the model resident so only the first call pays
-    the load (~2 s for e5-small). ``release_teachers`` frees it.
+    the load (~2 s for e5-small). ``release_teachers`` frees it. ``max_length`` and ``truncation`` default to
+    what teacher.json records (the settings the teacher was fitted with).
     """
     meta = read_teacher_json(teacher_dir)
-    key = ("teacher", str(teacher_dir), meta["weights_hash"], device, dtype, threads, max_length, autocast)
+    truncation = truncation or meta.get("truncation", "head")  # teachers fitted before it existed read the head
+    key = ("teacher", str(teacher_dir), meta["weights_hash"], device, dtype, threads, max_length, truncation,
+           autocast)
     if reuse:
         set_threads(threads)
         return cached_teacher(key, lambda: _load_teacher(teacher_dir, meta, device, dtype, threads, max_length,
-                                                         cache_dir, trust_remote_code, autocast))
-    return _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, cache_dir, trust_remote_code,
-                         autocast)
+                                                         truncation, cache_dir, trust_remote_code, autocast))
+    return _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, truncation, cache_dir,
+                         trust_remote_code, autocast)
 
 
-def _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, cache_dir, trust_remote_code,
+def _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, truncation, cache_dir, trust_remote_code,
                   autocast) -> Teacher:
     kind = meta["kind"]
     max_len = max_length or meta.get("max_length", 128)
@@ -404,7 +481,7 @@ def _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, cache_d
         model = load_seqcls(base, trust_remote_code)
         t = Teacher(name=meta["name"], kind=kind, labels=meta["labels"], tokenizer=tok, model=model,
                     prefix=meta.get("prefix", ""), label_index=meta["label_index"], max_length=max_len,
-                    weights_hash=meta["weights_hash"], info=meta)
+                    truncation=truncation, weights_hash=meta["weights_hash"], info=meta)
     elif kind in ("head", "finetune"):
         from safetensors.torch import load as st_load
 
@@ -413,7 +490,8 @@ def _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, cache_d
         head = make_head(hc["dim"], len(meta["labels"]), hidden=hc.get("hidden", 0))
         head.load_state_dict(st_load(read_bytes(join(teacher_dir, HEAD_FILE))))
         t = Teacher(name=meta["name"], kind=kind, labels=meta["labels"], tokenizer=tok, model=enc, head=head,
-                    prefix=meta.get("prefix", ""), max_length=max_len, weights_hash=meta["weights_hash"], info=meta)
+                    prefix=meta.get("prefix", ""), max_length=max_len, truncation=truncation,
+                    weights_hash=meta["weights_hash"], info=meta)
     else:
         raise TeacherError(f"{teacher_dir}/{TEACHER_JSON}: unknown kind {kind!r}")
     return _place(t, device, dtype, threads, autocast)
