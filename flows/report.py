@@ -3,7 +3,8 @@
 
 report.json's top-level keys (see ``write_report``): ``task``, ``lang``, ``rows``, ``teacher``,
 ``students`` (per kind: baseline / distilled accuracy, macro-F1, MCC, texts/s, params, size, speedup, gap
-recovered), ``timing_s``, ``tasks`` (executed / cached, per stage under ``by_stage``), ``stages``, ``config``,
+recovered), ``truncated`` (per split: its rows, and how many texts the teacher and each student kind read
+truncated), ``timing_s``, ``tasks`` (executed / cached, per stage under ``by_stage``), ``stages``, ``config``,
 ``updated_at`` (and ``plot`` when report.png was drawn).
 
 Every figure comes from the manifests on disk, not from what this process happened to run, so the report of a
@@ -65,7 +66,8 @@ def model_section(layout: RunLayout) -> tuple[dict, dict]:
         test = meta.get("metrics", {}).get("test", {})
         teacher = {"name": meta["name"], "accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1"),
                    "dev_accuracy": meta.get("metrics", {}).get("dev", {}).get("accuracy"), "qps": None,
-                   "weights_hash": meta["weights_hash"]}
+                   "weights_hash": meta["weights_hash"], "max_length": meta.get("max_length"),
+                   "truncation": meta.get("truncation", "head")}
     students: dict = {}
     ev = read_manifest(layout.stage_dir("evaluate"))
     if ev:
@@ -84,6 +86,21 @@ def model_section(layout: RunLayout) -> tuple[dict, dict]:
     return teacher, students
 
 
+def truncation_section(layout: RunLayout) -> dict:
+    """``{"rows": {split: n}, split: {"teacher": n, kind: n, ...}}``: per split, how many texts each model read
+    truncated (the teacher: more tokens than its max_length; a student: as its Predictor counts, omitted while it
+    cannot). Empty until the evaluate stage ran."""
+    ev = read_manifest(layout.stage_dir("evaluate"))
+    t = (ev.extra["teacher"].get("truncation") if ev else None) or {}
+    if not t:
+        return {}
+    out: dict = {"rows": t["rows"], **{s: {"teacher": n} for s, n in t["truncated"].items()}}
+    for e in ev.extra["students"]:
+        for s, n in (e.get("truncated") or {}).items():
+            out.setdefault(s, {})[e["kind"]] = n
+    return out
+
+
 def write_report(layout: RunLayout, config: Config, results: list[dict]) -> dict:
     """Merge this invocation's stage results into report.json / report.md (+ plot, artifacts); return it."""
     report = _read(layout)
@@ -99,6 +116,7 @@ def write_report(layout: RunLayout, config: Config, results: list[dict]) -> dict
         rows=row_counts(layout),
         teacher=teacher,
         students=students,
+        truncated=truncation_section(layout),
         timing_s=timing,
         tasks={"executed": sum(v["executed"] for v in by_stage.values()),
                "cached": sum(v["cached"] for v in by_stage.values()), "by_stage": by_stage},
@@ -160,12 +178,27 @@ def render_markdown(report: dict) -> str:
                 "in, tokenisation included, on this machine's CPU.", ""]
         if report.get("plot"):
             out += ["![accuracy against speed](report.png)", ""]
+    out += truncation_lines(report)
     out += ["| rows | count |", "|---|---:|"]
     out += [f"| {k} | {v} |" for k, v in rows.items() if not isinstance(v, dict)]
     out += ["", "| stage | executed | cached | seconds |", "|---|---:|---:|---:|"]
     for stage, r in report.get("stages", {}).items():
         out.append(f"| {stage} | {r['executed']} | {r['cached']} | {r['seconds']:.1f} |")
     return "\n".join(out) + "\n"
+
+
+def truncation_lines(report: dict) -> list[str]:
+    """One line per split: texts each model read truncated, of the split's rows (report.md)."""
+    tr = report.get("truncated") or {}
+    if not tr:
+        return []
+    t = report.get("teacher") or {}
+    out = [f"Texts read truncated (teacher: over {t.get('max_length')} tokens, {t.get('truncation')}; students: "
+           "past their max_len / max_chars):", ""]
+    for split, rows in tr["rows"].items():
+        counts = ", ".join(f"{model} {n:,}" for model, n in tr.get(split, {}).items())
+        out.append(f"- {split} ({rows:,} texts): {counts}")
+    return out + [""]
 
 
 def plot_accuracy_speed(layout: RunLayout, teacher: dict, students: dict) -> bool:

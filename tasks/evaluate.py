@@ -4,6 +4,9 @@ Speed is measured the way a service would see it: raw text in (segmentation / to
 on this machine's CPU unless the teacher is configured on a GPU, at batch 32 and batch 1. Students are timed
 in their served form: exported and run by the Predictor that `slimflow predict` uses.
 
+Beside them, per split, how many texts each model reads truncated (issue 11: long documents are data; each model
+cuts them to its own budget, and the report says how often it did).
+
 Each timing runs in a fresh process (``isolated``), as a service would run the model: the orchestrating process
 has threads of its own (Prefect's log and event shipping, progress bars) and the teacher's memory, none of which
 belong in the measurement. Both sides are timed the same way, so the ratio stays fair.
@@ -13,10 +16,11 @@ from __future__ import annotations
 
 import multiprocessing
 import tempfile
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 from storage.fs import join
-from storage.shards import ShardRef
+from storage.shards import ShardRef, read_shard
 
 SPEED_TEXTS = 256  # test texts timed per model: enough for a stable texts/s, small enough for the teacher
 
@@ -45,10 +49,25 @@ def student_speed(export_dir: str, texts: list[str]) -> dict:
     return speed(Predictor(export_dir).predict, texts)
 
 
-def evaluate_student_run(run_dir: str, train_rel: str, test: list[ShardRef], lang: str, speed_texts: list[str]) -> dict:
-    """Accuracy, macro-F1, MCC on ``test``; texts/s served; parameters; ONNX size on disk."""
+def split_texts(run_dir: str, splits: Mapping[str, Sequence[ShardRef]]) -> dict[str, list[str]]:
+    """The ``text`` column of each split's shards, in shard order."""
+    return {s: [t for r in refs for t in read_shard(run_dir, r, columns=["text"]).column("text").to_pylist()]
+            for s, refs in splits.items()}
+
+
+def student_truncated(predictor, texts: Mapping[str, list[str]]) -> dict[str, int] | None:
+    """Per split, how many texts the served student reads truncated; None while its Predictor cannot say
+    (``count_truncated`` is the Predictor's own, as the student's tokenisation is)."""
+    count = getattr(predictor, "count_truncated", None)
+    return None if count is None else {s: int(count(x)) for s, x in texts.items()}
+
+
+def evaluate_student_run(run_dir: str, train_rel: str, test: list[ShardRef], lang: str, speed_texts: list[str],
+                         splits: Mapping[str, Sequence[ShardRef]] | None = None) -> dict:
+    """Accuracy, macro-F1, MCC on ``test``; texts/s served; parameters; ONNX size on disk; and, per split of
+    ``splits``, how many texts it reads truncated (``truncated``, see ``student_truncated``)."""
     from tasks.students.evaluate import count_params, size_on_disk
-    from tasks.students.export import export_student
+    from tasks.students.export import Predictor, export_student
     from tasks.students.train import evaluate_student, load_student
 
     train_dir = join(run_dir, train_rel)
@@ -58,13 +77,30 @@ def evaluate_student_run(run_dir: str, train_rel: str, test: list[ShardRef], lan
         export_student(train_dir, tmp, lang=lang)
         served = isolated(student_speed, tmp, speed_texts)
         size = size_on_disk(join(tmp, "model.onnx"))
-    return {**metrics, **served, "params": count_params(model), "size_bytes": size}
+        # threads=None: the TorchScript backend would set this process's torch threads; counting only tokenises
+        truncated = student_truncated(Predictor(tmp, threads=None), split_texts(run_dir, splits)) if splits else None
+    return {**metrics, **served, "params": count_params(model), "size_bytes": size, "truncated": truncated}
 
 
 def teacher_speed(run_dir: str, teacher: dict, speed_texts: list[str]) -> dict:
     """The fitted teacher's texts/s (tokenisation included), its parameter count and size on disk, timed in a
     fresh process as the students are."""
     return isolated(_teacher_speed, run_dir, teacher, speed_texts)
+
+
+def teacher_truncated(run_dir: str, teacher: dict, splits: Mapping[str, Sequence[ShardRef]]) -> dict:
+    """``{"rows": {split: n}, "truncated": {split: n}}``: per split, its rows and how many of them the fitted
+    teacher reads truncated (more tokens than its max_length, specials and prefix included). Tokenisation only;
+    the teacher is loaded on the CPU and not kept resident."""
+    from tasks.teacher.model import load_teacher
+
+    t = load_teacher(join(run_dir, "teacher", "model"), device="cpu", dtype="fp32", threads=teacher["threads"],
+                     cache_dir=teacher["cache_dir"], trust_remote_code=teacher.get("trust_remote_code", False),
+                     reuse=False)
+    texts = split_texts(run_dir, splits)
+    return {"rows": {s: len(x) for s, x in texts.items()},
+            "truncated": {s: t.count_truncated(x) for s, x in texts.items()},
+            "max_length": t.max_length, "truncation": t.truncation}
 
 
 def _teacher_speed(run_dir: str, teacher: dict, speed_texts: list[str]) -> dict:
