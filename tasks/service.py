@@ -42,14 +42,24 @@ class ServiceError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    # 1,024 texts x 5,000 chars: the data stage quarantines longer texts (data.max_chars), and a client sends
-    # server_batch_size (64) texts at a time; anything larger is a client bug, answered 413.
+    # A client sends server_batch_size (64) texts at a time, each at most data.max_chars (the data stage
+    # quarantines longer ones as pathological input, not as too long for the teacher: it truncates them itself);
+    # anything larger is a client bug, answered 413.
     max_texts: int = 1024
-    max_chars: int = 5000
-    max_body_bytes: int = 16 * 2**20  # 1,024 texts of 5,000 chars, JSON-escaped CJK ~6 bytes a char, would not fit
+    max_chars: int = 500_000  # data.max_chars' default
+    # 64 texts of ~40,000 CJK characters JSON-escaped (~6 bytes a char); longer ones: a smaller server_batch_size
+    max_body_bytes: int = 16 * 2**20
     batch_tokens: int = 4096  # coalescing budget per model call; teacher.batch_tokens (cache-sized on CPU)
     max_wait_ms: float = 2.0  # how long the batcher waits for more requests once it holds one
     max_pending_texts: int = 64 * 1024  # queued texts beyond this are answered 503 (back-pressure), not held
+    # A whole body (16 MiB at most) crosses a LAN in well under a second; a client that sends part of one and
+    # stalls would otherwise hold its connection forever (issue 12). Answered 408, and the connection closed.
+    body_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value <= 0:
+                raise ServiceError(f"service limit {name} must be positive, got {value}")
 
 
 @dataclass
@@ -241,6 +251,7 @@ def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = L
 
     async def _read_body(request: Request) -> bytes:
         from fastapi import HTTPException
+        from starlette.requests import ClientDisconnect
 
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -249,7 +260,24 @@ def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = L
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise HTTPException(413, f"body over {limits.max_body_bytes} bytes; send fewer texts per request")
         chunks, size = [], 0
-        async for chunk in request.stream():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.body_timeout_s
+        stream = request.stream().__aiter__()
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0.0))
+            except StopAsyncIteration:
+                break
+            # Python 3.10 raises asyncio.TimeoutError, a separate class there (see _batcher).
+            except (TimeoutError, asyncio.TimeoutError):
+                log.warning("%s sent %d bytes of its request body in %g s and stalled: answered 408, connection "
+                            "closed", client, size, limits.body_timeout_s)
+                raise HTTPException(408, f"request body not complete within {limits.body_timeout_s:g} s; send the "
+                                    "whole body at once", headers={"Connection": "close"}) from None
+            except ClientDisconnect:  # one line, not an ASGI traceback: a client going away is not a bug
+                log.info("%s disconnected after %d bytes of its request body", client, size)
+                raise HTTPException(400, "client disconnected before its body was complete") from None
             size += len(chunk)
             if size > limits.max_body_bytes:
                 raise HTTPException(413, f"body over {limits.max_body_bytes} bytes; send fewer texts per request")
