@@ -369,12 +369,14 @@ class Teacher:
 
 
 def head_tail(ids: list[int], budget: int, prefix: list[int] = ()) -> list[int]:
-    """``ids`` (specials excluded) cut to ``budget`` tokens: the instruction ``prefix`` (e5's ``query:``) where
-    ``ids`` starts with it, then the first quarter (rounded) of what is left and the rest from the end of the
-    text (Sun et al. 2019: head 128 + tail 382 of BERT's 510)."""
+    """``ids`` (specials excluded) cut to ``budget`` tokens: the instruction ``prefix`` (e5's ``query:``) as far
+    as ``ids`` starts with it (a SentencePiece prefix tokenised alone ends in a lone "▁" the text does not have),
+    then the first quarter (rounded) of what is left and the rest from the end of the text (Sun et al. 2019:
+    head 128 + tail 382 of BERT's 510)."""
     if len(ids) <= budget:
         return list(ids)
-    keep = len(prefix) if list(ids[: len(prefix)]) == list(prefix) and len(prefix) < budget else 0
+    keep = next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
+    keep = keep if keep < budget else 0
     room = budget - keep
     head = (room + 2) // 4
     tail = room - head

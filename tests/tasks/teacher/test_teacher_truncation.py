@@ -98,6 +98,7 @@ def test_head_tail_keeps_the_prefix_and_the_mask_token():
     (100, 10, [], [0, 1, 2] + list(range(93, 100))),
     (100, 10, [0, 1], [0, 1, 2, 3] + list(range(94, 100))),
     (100, 10, [7], [0, 1, 2] + list(range(93, 100))),  # a prefix the text does not start with is not kept apart
+    (100, 10, [0, 1, 6], [0, 1, 2, 3] + list(range(94, 100))),  # as far as the text starts with it (e5's "▁")
     (1000, 510, [], list(range(128)) + list(range(1000 - 382, 1000))),  # Sun et al.: 128 + 382
 ])
 def test_head_tail_splits_the_budget_a_quarter_head(n, budget, prefix, want):
