@@ -34,6 +34,14 @@ class DataConfig(_Section):
     text_column: str = "text"
     label_column: str = "label"
     labels: list[str] | None = Field(None, description="label names in order; inferred (sorted) when absent")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_once(cls, v: list[str] | None) -> list[str] | None:
+        twice = sorted({x for x in v if v.count(x) > 1}) if v else []
+        if twice:  # issue 12: [pos, pos] made every row an unknown label's
+            raise ValueError(f"lists {', '.join(map(repr, twice))} more than once; list each class once")
+        return v
     dev_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of train split off as dev")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of train split off as test")
     split_seed: int = 0
@@ -172,12 +180,20 @@ class Config(_Section):
         return v
 
 
-def _resolve_paths(raw: dict, base: Path) -> dict:
-    data = dict(raw.get("data") or {})
+def _resolve_paths(raw: dict, base: Path, source: Path) -> dict:
+    data = raw.get("data") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {source}: `data` must be a mapping of keys, e.g. `data: {{train: "
+                          f"train.csv}}`, got a {type(data).__name__}")
+    data = dict(data)
     for key in ("train", "dev", "test", "unlabelled"):
         v = data.get(key)
-        if isinstance(v, str) and "://" not in v and not os.path.isabs(v):
-            data[key] = str((base / v).resolve())
+        if isinstance(v, str) and "://" not in v:
+            v = os.path.expanduser(v)
+            data[key] = v if os.path.isabs(v) else str((base / v).resolve())
+            if os.path.isdir(data[key]):
+                raise ConfigError(f"config file {source}: data.{key} is a directory ({data[key]}); name a file "
+                                  "in it (CSV, TSV, JSONL or Parquet)")
     return {**raw, "data": data}
 
 
@@ -194,7 +210,7 @@ def _section_keys(loc: tuple) -> list[str] | None:
 
 
 def format_validation_error(e: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
@@ -206,8 +222,8 @@ def format_validation_error(e: ValidationError, source: str) -> str:
                    else "unknown key (check the spelling)")
         elif err["type"] == "literal_error":
             msg = f"{msg} (got {err.get('input')!r})"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+        lines.append(f"{loc}: {msg}")
+    return f"invalid config {source}: " + "; ".join(lines)  # one line, as every CLI error
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:
@@ -217,11 +233,16 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Confi
         raise ConfigError(f"config file {p} not found; pass the path of a YAML file (see README.md, section Config)")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 (byte {e.start} is {e.object[e.start]:#04x}); save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
-    raw = _resolve_paths({**raw, **(overrides or {})}, p.parent.resolve())
+    raw = _resolve_paths({**raw, **(overrides or {})}, p.parent.resolve(), p)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

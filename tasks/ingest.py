@@ -8,6 +8,7 @@ reorderings and reruns, and unique because duplicate texts are quarantined.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from storage.fs import atomic_write_bytes, join
 from storage.hashing import sha256_bytes
-from storage.readers import InputError, normalise_label, read_rows
+from storage.readers import InputError, normalise_label, read_rows, shorten
 from storage.schema import INGEST, REJECTS, SPLITS
 from storage.shards import ShardRef, table_to_parquet_bytes, write_shard
 
@@ -27,6 +28,11 @@ _PRIORITY = {"test": 0, "dev": 1, "train": 2, "unlabelled": 3}
 # U+E000 is storage.schema.MASK_PLACEHOLDER: in user text it would reach the teacher as its mask token.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ue000]")
 _SPACES = re.compile(r"\s+")
+# Below this many training rows (before dev/test are split off) a run can only produce nothing useful: no dev
+# rows for early stopping, no test rows to score. A floor against inputs that went wrong, not a recommendation.
+MIN_TRAIN_ROWS = 10
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class IngestParams:
     split_seed: int = 0
     max_chars: int = 5000
     shard_rows: int = 2000
+    min_train_rows: int = MIN_TRAIN_ROWS
 
 
 def normalise_text(text: str) -> str:
@@ -68,7 +75,7 @@ class _Row:
 
 
 def _read_split(split: str, path: str, p: IngestParams) -> tuple[list[_Row], list[str | None]]:
-    raw = read_rows(path, p.text_column, None if split == "unlabelled" else p.label_column)
+    raw = read_rows(path, p.text_column, None if split == "unlabelled" else p.label_column, labels=p.labels)
     return [_Row(split, path, r, t, lab) for t, lab, r in zip(raw.text, raw.label, raw.row)], raw.problem
 
 
@@ -90,15 +97,30 @@ def ingest(run_dir: str, p: IngestParams) -> dict:
     """Read, validate, split and shard the inputs under ``run_dir/ingest``.
 
     Returns ``{"shards": [ShardRef dicts], "labels": [...], "rows": {split: n}, "rejected": n,
-    "reasons": {reason: n}}``; the caller commits the manifest.
+    "reasons": {reason: n}, "warnings": [...]}``; the caller commits the manifest. Inputs that can only
+    produce nothing (a label listed twice, an empty file, a training split left with fewer than 2 classes or
+    ``min_train_rows`` rows) raise :class:`InputError`; ``rejects.parquet`` is written first, and the message
+    names the top reject reasons.
     """
+    if p.labels is not None:
+        twice = sorted({x for x in p.labels if list(p.labels).count(x) > 1})
+        if twice:
+            raise InputError(f"data.labels lists {', '.join(map(repr, twice))} more than once "
+                             f"({list(p.labels)}); list each class once")
     sources = {"train": p.train, "dev": p.dev, "test": p.test, "unlabelled": p.unlabelled}
     rows: list[_Row] = []
     rejects: list[tuple[_Row, str]] = []
+    warnings: list[str] = []
     for split, path in sources.items():
         if path is None:
             continue
         split_rows, problems = _read_split(split, path, p)
+        if not split_rows:
+            if split == "unlabelled":
+                warnings.append(f"{path}: no data rows (data.unlabelled is empty)")
+                continue
+            fix = "add labelled rows" if split == "train" else f"add rows, or remove data.{split} to split it off train"
+            raise InputError(f"{path}: no data rows (only a header, or nothing); {fix}")
         for r, problem in zip(split_rows, problems):
             if problem:
                 rejects.append((r, problem))
@@ -128,9 +150,6 @@ def ingest(run_dir: str, p: IngestParams) -> dict:
         labels = list(p.labels)
     else:
         labels = sorted({r.label for r in rows if r.split == "train"})
-    if len(labels) < 2:
-        raise InputError(f"{p.train}: the training rows have {len(labels)} class(es) {labels}; a classifier "
-                         "needs at least 2. Check data.label_column, or list data.labels.")
     known = set(labels)
     kept: list[_Row] = []
     for r in rows:
@@ -155,6 +174,7 @@ def ingest(run_dir: str, p: IngestParams) -> dict:
         rows.append(first)
         rejects.extend((r, f"exact duplicate of {first.split} row {first.file}:{first.row}") for r in group[1:])
     rows.sort(key=lambda r: (_PRIORITY[r.split], r.file, r.row))
+    _check_train(run_dir, p, rows, rejects, labels, warnings)
 
     # 4. split train into dev/test where those were not given
     if p.dev is None or p.test is None:
@@ -185,6 +205,78 @@ def ingest(run_dir: str, p: IngestParams) -> dict:
             )
             refs.append(write_shard(table, run_dir, f"ingest/{split}", split, index, INGEST))
 
+    rej_bytes = _write_rejects(run_dir, rejects)
+    return {
+        "shards": [r.to_dict() for r in refs],
+        "labels": labels,
+        "rows": counts,
+        "rejected": len(rejects),
+        "reasons": _reasons(rejects),
+        "rejects": {"path": "ingest/rejects.parquet", "sha256": sha256_bytes(rej_bytes)},
+        "warnings": warnings,
+    }
+
+
+def _reason_kind(why: str) -> str:
+    return why.split(" (")[0].split(":")[0]
+
+
+def _reasons(rejects: list[tuple[_Row, str]]) -> dict[str, int]:
+    reasons: dict[str, int] = {}
+    for _, why in rejects:
+        kind = _reason_kind(why)
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return reasons
+
+
+# What to do when most training rows were rejected for a reason (its kind's first words).
+_FIXES = (
+    ("unknown label", "check data.labels against the label column's values"),
+    ("missing label", "check data.label_column (only an empty cell is a missing label)"),
+    ("exact duplicate of test", "data.test holds the training rows: give a separate test file, or remove data.test "
+     "to split one off train"),
+    ("exact duplicate of dev", "data.dev holds the training rows: give a separate dev file, or remove data.dev"),
+    ("undecodable", "save the file as UTF-8"),
+    ("merged rows", "fix the quoting at the lines listed in rejects.parquet"),
+    ("unclosed quote", "fix the quoting at the lines listed in rejects.parquet"),
+    ("wrong number of fields", "fix the delimiters at the lines listed in rejects.parquet"),
+    ("empty", "check data.text_column"),
+    ("text longer", "raise data.max_chars"),
+    ("text present with conflicting labels", "give each text one label"),
+)
+
+
+def _check_train(run_dir: str, p: IngestParams, rows: list[_Row], rejects: list[tuple[_Row, str]],
+                 labels: list[str], warnings: list[str]) -> None:
+    """Refuse a training split that can only produce nothing; warn about listed labels that never occur."""
+    train = [r for r in rows if r.split == "train"]
+    present = sorted({r.label for r in train})
+    if len(present) >= 2 and len(train) >= p.min_train_rows:
+        for name in labels:
+            if name not in present:
+                msg = (f"{p.train}: label {name!r} of data.labels occurs in no training row; remove it from "
+                       "data.labels, or check data.label_column")
+                warnings.append(msg)
+                log.warning(msg)
+        return
+    _write_rejects(run_dir, rejects)
+    if len(present) < 2:
+        why = (f"the training rows have {len(present)} class(es) {[shorten(x, 30)[1:-1] for x in present[:5]]} "
+               "after ingest; a classifier needs at least 2")
+    else:
+        why = f"only {len(train)} training rows are left after ingest; at least {p.min_train_rows} are needed"
+    train_rej = [(r, w) for r, w in rejects if r.split == "train"]
+    if not train_rej:
+        fix = ("check data.label_column, or list data.labels" if len(present) < 2 else "add labelled rows")
+        raise InputError(f"{p.train}: {why}, and no row was rejected; {fix}")
+    top = sorted(_reasons(train_rej).items(), key=lambda kv: -kv[1])
+    shown = "; ".join(f"{n}x {shorten(k, 200)[1:-1]}" for k, n in top[:3]) + ("; ..." if len(top) > 3 else "")
+    fix = next((f for k, f in _FIXES if top[0][0].startswith(k)), "see the reasons in rejects.parquet")
+    raise InputError(f"{p.train}: {why}; {len(train_rej)} training rows were rejected ({shown}; see "
+                     f"{join(run_dir, 'ingest', 'rejects.parquet')}); {fix}")
+
+
+def _write_rejects(run_dir: str, rejects: list[tuple[_Row, str]]) -> bytes:
     rejects.sort(key=lambda x: (_PRIORITY[x[0].split], x[0].file, x[0].row))
     rej = pa.table(
         {
@@ -199,15 +291,4 @@ def ingest(run_dir: str, p: IngestParams) -> dict:
     )
     rej_bytes = table_to_parquet_bytes(rej)
     atomic_write_bytes(join(run_dir, "ingest", "rejects.parquet"), rej_bytes)
-    reasons: dict[str, int] = {}
-    for _, why in rejects:
-        kind = why.split(" (")[0].split(":")[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
-    return {
-        "shards": [r.to_dict() for r in refs],
-        "labels": labels,
-        "rows": counts,
-        "rejected": len(rejects),
-        "reasons": reasons,
-        "rejects": {"path": "ingest/rejects.parquet", "sha256": sha256_bytes(rej_bytes)},
-    }
+    return rej_bytes

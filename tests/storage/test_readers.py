@@ -11,7 +11,7 @@ def test_csv_with_bom_and_crlf(tmp_path):
     p = tmp_path / "a.csv"
     p.write_bytes("\ufefftext,label\r\n好,pos\r\n\"a, b\",neg\r\n".encode())
     r = read_rows(str(p), "text", "label")
-    assert r.text == ["好", "a, b"] and r.label == ["pos", "neg"] and r.row == [1, 2]
+    assert r.text == ["好", "a, b"] and r.label == ["pos", "neg"] and r.row == [2, 3]  # lines: the header is 1
     assert r.problem == [None, None]
 
 
@@ -67,6 +67,8 @@ def test_missing_file_and_wrong_format(tmp_path):
 
 
 @pytest.mark.parametrize("raw,want", [(1, "1"), (1.0, "1"), ("1.0", "1"), (" pos ", "pos"), (float("nan"), None),
-                                      ("", None), (None, None), ("NaN", None), (2.5, "2.5"), ([1], None)])
+                                      ("", None), (None, None), (2.5, "2.5"), ([1], None),
+                                      # only an empty cell is missing: these are class names (issue 12)
+                                      ("NaN", "NaN"), ("None", "None"), ("null", "null"), (" none ", "none")])
 def test_normalise_label(raw, want):
     assert normalise_label(raw) == want

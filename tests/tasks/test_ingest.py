@@ -94,7 +94,7 @@ def test_one_class_is_a_clear_error(tmp_path):
 def test_configured_labels_and_numeric_label_forms(tmp_path):
     rows = [("a", "1"), ("b", "1.0"), ("c", "0"), ("d", "2")]
     p = IngestParams(train=_csv(tmp_path / "t.csv", rows), dev=_csv(tmp_path / "d.csv", [("e", "0")]),
-                     test=_csv(tmp_path / "s.csv", [("f", "1")]), labels=("0", "1"))
+                     test=_csv(tmp_path / "s.csv", [("f", "1")]), labels=("0", "1"), min_train_rows=1)
     res = ingest(str(tmp_path / "run"), p)
     assert res["labels"] == ["0", "1"] and res["rows"]["train"] == 3 and res["rejected"] == 1
 

@@ -1,9 +1,12 @@
-"""Ingest fuzzed with hypothesis (issue 6): every input row ends in exactly one shard or in rejects.parquet.
+"""Ingest fuzzed with hypothesis (issues 6, 12): every source line ends in exactly one shard or in rejects.parquet.
 
 Each example writes one train file (CSV, TSV, JSONL or Parquet) of valid rows with unique texts followed by
 invalid rows of known kinds (empty / whitespace / control-only text, missing / NaN / unknown / non-scalar
-labels, texts over max_chars, exact duplicates, conflicting labels, undecodable bytes, broken JSON lines).
-The oracle knows which rows are valid, so the property is exact, not "no crash".
+labels, texts over max_chars, exact duplicates, conflicting labels, undecodable bytes, broken JSON lines, and
+in CSV three lines merged into one record by a stray quote). The oracle knows which rows are valid and which
+line of the file each starts on (it counts the line ends of each row as written), so the property is exact,
+not "no crash"; where the rules say the whole file is refused (most non-ASCII rows not UTF-8, fewer than two
+classes left) it expects that one-line error instead.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 
 import pyarrow as pa
@@ -20,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.readers import InputError
+from storage.readers import InputError, normalise_label
 from storage.shards import ShardRef, read_shard
 from tasks.ingest import IngestParams, ingest, normalise_text
 
@@ -42,12 +46,25 @@ def _text(fmt: str):
 _LABEL_FORMS = {"0": ["0", " 0 ", "0.0"], "1": ["1", "1.0", " 1"]}
 
 
+class Merged(str):
+    """Three CSV lines written as they are: a stray '"' opens a field that the third line closes (issue 12)."""
+
+
+def _row_like(text: str) -> bool:
+    """A line inside a text that reads as a CSV row of its own (text,known label): such a text is quarantined
+    as merged rows, whoever wrote it (the rule of issue 12)."""
+    pieces = re.split(r"\r\n|\r|\n", text)
+    return len(pieces) > 1 and any(len(f) == 2 and normalise_label(f[1]) in ("0", "1")
+                                   for f in (next(csv.reader([p]), []) for p in pieces))
+
+
 @st.composite
 def files(draw):
     fmt = draw(st.sampled_from(FORMATS))
     n_valid = draw(st.integers(1, 12))
     rows: list[tuple[object, object]] = []  # (raw text, raw label) in file order
     valid: dict[int, str] = {}  # 1-based row -> expected normalised text
+    names: dict[int, str] = {}  # 1-based row -> its label's name
     expect_rejected: set[int] = set()
     for i in range(n_valid):
         name = draw(st.sampled_from(["0", "1"]))
@@ -56,10 +73,14 @@ def files(draw):
             label = draw(st.sampled_from([label, int(name), float(name)]))
         text = f"r{i} " + draw(_text(fmt))
         rows.append((text, label))
-        valid[len(rows)] = normalise_text(text)
+        valid[len(rows)], names[len(rows)] = normalise_text(text), name
+        if fmt == "csv" and _row_like(text):
+            expect_rejected.add(len(rows))
     kinds = ["empty", "space", "control", "bom", "missing", "nan", "unknown", "long", "dup", "conflict"]
     if fmt != "parquet":
         kinds.append("bytes")
+    if fmt == "csv":
+        kinds.append("merged")
     if fmt == "jsonl":
         kinds += ["json", "list-label", "bool-label", "list-text", "no-text-key"]
     for kind in draw(st.lists(st.sampled_from(kinds), max_size=10)):
@@ -101,10 +122,32 @@ def files(draw):
             text = ["not", "a", "string"]
         elif kind == "no-text-key":
             text = None
+        elif kind == "merged":
+            n = len(rows)
+            text = Merged(f'"m{n} stray,{label}\r\nm{n} middle,{1 - int(label)}\r\nm{n} end",{label}\r\n')
         rows.append((text, label))
     for src in expect_rejected:
         del valid[src]
-    return fmt, rows, valid
+    return fmt, rows, valid, names
+
+
+def _lines(fmt: str, rows) -> list[list[int]]:
+    """The source lines each row occupies in the file ``_write`` writes: what a user sees in an editor."""
+    if fmt == "parquet":
+        return [[i] for i in range(1, len(rows) + 1)]
+    out, line = [], 1 if fmt == "jsonl" else 2  # CSV and TSV: the header is line 1
+    for row in rows:
+        if isinstance(row[0], Merged):
+            n = 3
+        elif fmt == "csv":
+            buf = io.StringIO()
+            csv.writer(buf).writerow(row)
+            n = len(re.findall(r"\r\n|\r|\n", buf.getvalue()))
+        else:
+            n = 1
+        out.append(list(range(line, line + n)))
+        line += n
+    return out
 
 
 def _write(path: str, fmt: str, rows) -> None:
@@ -127,7 +170,8 @@ def _write(path: str, fmt: str, rows) -> None:
         if fmt == "csv":
             w = csv.writer(buf)  # CRLF line ends, quotes where needed
             w.writerow(("text", "label"))
-            w.writerows(rows)
+            for row in rows:
+                buf.write(row[0]) if isinstance(row[0], Merged) else w.writerow(row)
         else:
             buf.write("text\tlabel\r\n" + "".join(f"{t}\t{lab}\r\n" for t, lab in rows))
         data = buf.getvalue().encode("utf-8")
@@ -143,13 +187,32 @@ def _shard_rows(run: str, res: dict) -> list[dict]:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(files())
 def test_every_row_is_in_a_shard_or_rejected_exactly_once(example):
-    fmt, rows, valid = example
+    fmt, rows, valid, names = example
+    lines = _lines(fmt, rows)
+    valid = {lines[i - 1][0]: text for i, text in valid.items()}  # keyed by the line the row starts on
+    n_bad = sum(isinstance(t, str) and BAD in t for t, _ in rows)
+    n_good = sum(isinstance(t, str) and BAD not in t and not t.isascii() for t, _ in rows)
+    n_classes = len({names[i] for i in names if lines[i - 1][0] in valid})
+    # rows quarantined line by line: a stray quote's three lines, and texts with a line that reads as a row
+    by_line = [isinstance(t, Merged) or (fmt == "csv" and isinstance(t, str) and _row_like(t)) for t, _ in rows]
+    n_rejects = sum(len(x) if split else 1 for x, split in zip(lines, by_line) if x[0] not in valid)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"train.{fmt}")
         _write(path, fmt, rows)
         run = os.path.join(tmp, "run")
-        res = ingest(run, IngestParams(train=path, labels=("0", "1"), max_chars=MAX_CHARS, shard_rows=5,
-                                       dev_fraction=0.2, test_fraction=0.2))
+        params = IngestParams(train=path, labels=("0", "1"), max_chars=MAX_CHARS, shard_rows=5, dev_fraction=0.2,
+                              test_fraction=0.2, min_train_rows=1)
+        if n_bad >= 2 and n_bad > n_good:  # most non-ASCII rows are not UTF-8: the file is in another encoding
+            with pytest.raises(InputError, match=r"not UTF-8: .* the first at byte \d+ \(line \d+\); it looks like"):
+                ingest(run, params)
+            return
+        if n_classes < 2:  # nothing to train on: one error naming the reasons, and rejects.parquet to see them
+            with pytest.raises(InputError, match=rf"train\.{fmt}: the training rows have {n_classes} class") as e:
+                ingest(run, params)
+            assert "\n" not in str(e.value)
+            assert pq.read_table(os.path.join(run, "ingest", "rejects.parquet")).num_rows == n_rejects
+            return
+        res = ingest(run, params)
         kept = _shard_rows(run, res)
         rejected = pq.read_table(os.path.join(run, "ingest", "rejects.parquet")).to_pylist()
     assert sorted(r["source_row"] for r in kept) == sorted(valid)  # every valid row goes through
@@ -157,13 +220,19 @@ def test_every_row_is_in_a_shard_or_rejected_exactly_once(example):
     assert all(r["label"] in ("0", "1") for r in kept)
     assert len({r["id"] for r in kept}) == len(kept)
     rej_rows = [r["source_row"] for r in rejected]
-    assert sorted(rej_rows + [r["source_row"] for r in kept]) == list(range(1, len(rows) + 1))  # exactly once
+    # each row exactly once, at the line it starts on; a row quarantined line by line, at each of its lines
+    every_line = sorted(n for x, split in zip(lines, by_line) for n in (x if split else x[:1]))
+    assert sorted(rej_rows + [r["source_row"] for r in kept]) == every_line
     assert all(r["reason"] and r["source_file"] == path for r in rejected)
+    assert len(rejected) == n_rejects
+    assert sum(r["reason"].startswith("merged rows") for r in rejected) == sum(
+        len(x) for x, split in zip(lines, by_line) if split)
     assert res["rejected"] == len(rejected) and sum(res["rows"].values()) == len(kept)
 
 
 def _run(tmp_path, train, **kw):
-    return ingest(str(tmp_path / "run"), IngestParams(train=str(train), **kw))
+    # a few rows make the point of each test below; the floor on training rows has its own test (test_bad_input)
+    return ingest(str(tmp_path / "run"), IngestParams(train=str(train), **{"min_train_rows": 1, **kw}))
 
 
 def test_a_one_megabyte_text_is_quarantined_not_fatal(tmp_path):
@@ -172,7 +241,7 @@ def test_a_one_megabyte_text_is_quarantined_not_fatal(tmp_path):
         csv.writer(f).writerows([("text", "label"), ("x" * 1_000_000, "pos"), ("fine", "pos"), ("bad", "neg")])
     res = _run(tmp_path, train)
     rej = pq.read_table(tmp_path / "run" / "ingest" / "rejects.parquet").to_pylist()
-    assert [r["source_row"] for r in rej] == [1] and "max_chars (1000000 > 5000)" in rej[0]["reason"]
+    assert [r["source_row"] for r in rej] == [2] and "max_chars (1000000 > 5000)" in rej[0]["reason"]
     assert sum(res["rows"].values()) == 2
 
 
