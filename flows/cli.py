@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
 
 from storage.layout import STAGES
@@ -30,10 +32,58 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
     # transformers' per-load "Loading weights" bars, one per shard task, drown the stage progress bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import logging
-
+    _quiet_run_failures()
     # torch.onnx warns about torchvision ops on every export; the students use none of them.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+_DEBUG = False  # --debug: tracebacks, Prefect's included
+
+
+class _NoRunFailures(logging.Filter):
+    """Keeps Prefect's flow- and task-run errors (and their tracebacks) off the console: the CLI reports the
+    failure in one line (issue 12). They still reach the Prefect server's log (its API handler), and --debug
+    shows them here too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        # A failed flow run says so at INFO ("Finished in state Failed(...)"), with the whole message again.
+        return record.levelno < logging.ERROR and not record.getMessage().startswith(("Finished in state Failed",
+                                                                                      "Finished in state Crashed"))
+
+
+def _quiet_run_failures() -> None:
+    if _DEBUG:
+        return
+    import prefect.main  # noqa: F401  (sets up Prefect's logging: its console handler sits on the root logger)
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _NoRunFailures)
+                                                                  for f in handler.filters):
+            handler.addFilter(_NoRunFailures())
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (a batch of 0 lines would never be sent)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def one_line(e: BaseException, limit: int = 600) -> str:
+    """An exception as the CLI's one line: the file an OS error names, line breaks folded, at most ``limit``
+    characters (a message never quotes a whole file)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e).strip() or type(e).__name__
+    msg = re.sub(r"\s*[\r\n]+\s*", " ", msg)
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def _out_dir(args, config) -> str:
@@ -98,13 +148,20 @@ def cmd_rerun(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from tasks.students.export import predict_lines
+    from tasks.students.export import UNDECODABLE, predict_lines
 
     out = sys.stdout
-    for line in predict_lines(args.model_dir, (raw.rstrip("\r\n") for raw in sys.stdin), batch_size=args.batch_size,
-                              backend=args.backend):
+    bad: list[int] = []
+    # Bytes, not text: a line that is not UTF-8 is answered on its own line, never fails its batch (issue 12).
+    for line in predict_lines(args.model_dir, iter(sys.stdin.buffer), batch_size=args.batch_size,
+                              backend=args.backend, undecodable=bad):
         out.write(line + "\n")
     out.flush()
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        print(f"slimflow: {len(bad)} input line(s) are not UTF-8 (line {shown}), each answered with label "
+              f"{UNDECODABLE}; save the input as UTF-8", file=sys.stderr)
+        return 1 if args.strict else 0
     return 0
 
 
@@ -166,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnxruntime for a CNN or BiLSTM when it is installed and the export has model.onnx, else "
                         "TorchScript.")
     sp.add_argument("model_dir", help="an export directory (holds student.json)")
-    sp.add_argument("--batch-size", type=int, default=256, help="lines segmented and run per step")
+    sp.add_argument("--batch-size", type=positive_int, default=256, help="lines segmented and run per step")
     sp.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto")
+    sp.add_argument("--strict", action="store_true", help="exit 1 when an input line is not UTF-8 (such a line "
+                    "is always answered `text<TAB>!error<TAB>why` on its own output line, and counted on stderr)")
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("demo", help="the embedded default end to end on the bundled Chinese reviews",
@@ -206,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _DEBUG
     args = build_parser().parse_args(argv)
+    _DEBUG = args.debug
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -215,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one readable line for users; --debug for the traceback
         if args.debug:
             raise
-        msg = str(e).strip() or type(e).__name__
-        print(f"slimflow: error: {msg}", file=sys.stderr)
+        print(f"slimflow: error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

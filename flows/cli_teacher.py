@@ -35,13 +35,14 @@ def cmd_teacher(args) -> int:
 def cmd_teacher_serve(args) -> int:
     from flows.config import load_config
     from storage.fs import join
-    from tasks.service import TOKEN_ENV, Limits, serve
+    from tasks.service import TOKEN_ENV, Limits, check_bind, serve
 
     config = load_config(args.serve_config)
     out = os.path.abspath(args.out or os.path.join("runs", config.name))
     t = config.teacher
     token = args.token or os.environ.get(TOKEN_ENV) or None
     limits = Limits(batch_tokens=t.batch_tokens, max_texts=args.max_texts, max_chars=config.data.max_chars)
+    check_bind(args.host, token)  # refused before it says it is serving (issue 12)
     print(f"serving the teacher of {out} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     serve(join(out, "teacher", "model"), host=args.host, port=args.port, token=token, limits=limits,
           device=t.device, dtype=t.dtype, threads=t.threads, cache_dir=t.cache_dir,
@@ -51,6 +52,8 @@ def cmd_teacher_serve(args) -> int:
 
 def add_teacher_commands(sub) -> None:
     """Make ``teacher`` take ``serve CONFIG`` as well as ``CONFIG`` (the stage), with the service's options."""
+    from flows.cli import positive_int
+
     tp = sub.choices.get("teacher")
     if tp is None:
         tp = sub.add_parser("teacher", help="fit the teacher (stage), or `teacher serve CONFIG` to serve it")
@@ -61,9 +64,9 @@ def add_teacher_commands(sub) -> None:
     tp.add_argument("serve_config", nargs="?", metavar="CONFIG", help="with `serve`: the run's YAML config")
     g = tp.add_argument_group("teacher serve")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
-    g.add_argument("--port", type=int, default=8500, help="port (default 8500, distill.service_url's default)")
+    g.add_argument("--port", type=positive_int, default=8500, help="port (default 8500, distill.service_url's default)")
     g.add_argument("--token", help="bearer token clients must send (default: $SLIMFLOW_TOKEN); prefer the env var: "
                    "a command line is visible to other users")
-    g.add_argument("--max-texts", type=int, default=1024, help="most texts one request may hold (413 beyond)")
+    g.add_argument("--max-texts", type=positive_int, default=1024, help="most texts one request may hold (413 beyond)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     tp.set_defaults(func=cmd_teacher)

@@ -250,24 +250,59 @@ def _has_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def predict_lines(model_dir: str, lines: Iterable[str], *, batch_size: int = 256,
-                  backend: str = "auto") -> Iterator[str]:
+def predict_lines(model_dir: str, lines: Iterable[str | bytes], *, batch_size: int = 256,
+                  backend: str = "auto", undecodable: list[int] | None = None) -> Iterator[str]:
     """``text<TAB>label<TAB>confidence`` per input line, streaming ``batch_size`` lines at a time
     (for ``slimflow predict MODEL_DIR``: stdin in, stdout out). Empty lines are classified too, so output
-    line k always answers input line k."""
+    line k always answers input line k.
+
+    Lines may be bytes (stdin as read): a line that is not UTF-8 (or a str holding lone surrogates) is answered
+    ``text<TAB>!error<TAB>not UTF-8 (byte N)`` on its own output line, its text shown with U+FFFD, and its
+    1-based number appended to ``undecodable``; it never reaches the model, so it cannot cost its batch (issue 12).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     predictor = Predictor(model_dir, backend=backend, batch_size=batch_size)
-    chunk: list[str] = []
+    chunk: list[tuple[str, str | None]] = []  # (text as shown, why it is undecodable, or None)
 
     def flush() -> Iterator[str]:
-        for text, (label, conf) in zip(chunk, predictor.predict(chunk), strict=True):
+        good = [text for text, why in chunk if why is None]
+        answers = iter(predictor.predict(good) if good else [])
+        for text, why in chunk:
             # A tab inside the text would shift the columns: show it as a space.
-            yield f"{text.replace(chr(9), ' ')}\t{label}\t{conf:.4f}"
+            shown = text.replace(chr(9), " ")
+            if why is not None:
+                yield f"{shown}\t{UNDECODABLE}\t{why}"
+            else:
+                label, conf = next(answers)
+                yield f"{shown}\t{label}\t{conf:.4f}"
 
-    for line in lines:
-        chunk.append(line.rstrip("\r\n"))
+    for n, line in enumerate(lines, start=1):
+        chunk.append(_decode_line(line))
+        if chunk[-1][1] is not None and undecodable is not None:
+            undecodable.append(n)
         if len(chunk) == batch_size:
             yield from flush()
             chunk = []
     if chunk:
         yield from flush()
+
+
+# predict's label for an input line that is not UTF-8 ("!" starts no label a config lists in practice)
+UNDECODABLE = "!error"
+
+
+def _decode_line(line: str | bytes) -> tuple[str, str | None]:
+    if isinstance(line, bytes):
+        line = line.rstrip(b"\r\n")
+        try:
+            return line.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            return line.decode("utf-8", errors="replace"), f"not UTF-8 (byte {e.start})"
+    line = line.rstrip("\r\n")
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes escaped as lone surrogates by a text stream (surrogateescape)
+        return line.encode("utf-8", "replace").decode("utf-8"), f"not UTF-8 (character {e.start})"
+    return line, None
 
