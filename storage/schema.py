@@ -22,7 +22,7 @@ INGEST = pa.schema(
         pa.field("text", pa.string(), nullable=False),
         pa.field("label", pa.string()),  # label name; null for unlabelled rows
         pa.field("source_file", pa.string(), nullable=False),
-        pa.field("source_row", pa.int64(), nullable=False),  # 1-based data row in source_file
+        pa.field("source_row", pa.int64(), nullable=False),  # the line in source_file (CSV/TSV/JSONL), or Parquet row
     ]
 )
 
