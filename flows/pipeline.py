@@ -168,8 +168,8 @@ def teacher_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     if config.teacher.fit == "head":
         # Embeddings once per shard, cached like any shard task; the head fit reads them back.
         # Only what changes the embeddings keys them: a new head or fit setting reuses them.
-        enc = {k: t[k] for k in ("model", "max_length", "device", "dtype", "threads", "batch_tokens", "cache_dir",
-                                 "trust_remote_code")}
+        enc = {k: t[k] for k in ("model", "max_length", "truncation", "device", "dtype", "threads", "batch_tokens",
+                                 "cache_dir", "trust_remote_code")}
         calls = [dict(run_dir=out, shard=r["split"] + f"-{r['index']:05d}", ref=r, teacher=enc)
                  for s in ("train", "dev", "test") for r in splits[s]]
         with gpu_tasks(config.runner):
@@ -301,6 +301,8 @@ def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     tr = require(layout, "train", "evaluate")
     result = StageResult("evaluate", rerun=rerun)
     test = [r.to_dict() for r in seg.split("test")]
+    # Texts each model reads truncated are counted on every labelled split (issue 11).
+    splits = {s: [r.to_dict() for r in seg.split(s)] for s in ("train", "dev", "test")}
     texts = [t for r in seg.split("test") for t in read_shard(out, r, columns=["text"]).column("text").to_pylist()]
     # Evenly spaced over the test split, not its first rows: a split may be in file order (the demo's is all
     # positive reviews, then all negative), and text length, which sets both sides' speed, differs by class.
@@ -309,10 +311,12 @@ def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     with gpu_tasks(config.runner):  # the teacher's speed, on teacher.device
         (t_speed,) = run_tasks(evaluate_teacher_task, [dict(
             run_dir=out, teacher=config.teacher.model_dump(mode="json"),
-            weights_hash=teacher.extra["teacher"]["weights_hash"], speed_texts=texts)], out, result,
+            weights_hash=teacher.extra["teacher"]["weights_hash"], speed_texts=texts, splits=splits)], out, result,
             "evaluate-teacher")
+    # A kind reads text the same way in both modes: its truncation is counted once, on the distilled student.
     evals = run_tasks(evaluate_student_task, [dict(run_dir=out, kind=t["kind"], mode=t["mode"], trained=t, test=test,
-                                                   lang=config.lang, speed_texts=texts)
+                                                   lang=config.lang, speed_texts=texts,
+                                                   splits=splits if t["mode"] == "distilled" else None)
                                               for t in tr.extra["students"]], out, result, "evaluate")
     version = code_version(*STUDENT_CODE, *EVALUATE_CODE)
     commit_manifest(layout.stage_dir("evaluate"),

@@ -47,7 +47,7 @@ class IngestParams:
     dev_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 0
-    max_chars: int = 5000
+    max_chars: int = 500_000  # a guard against pathological input, not a model limit (flows/config.py, issue 11)
     shard_rows: int = 2000
     min_train_rows: int = MIN_TRAIN_ROWS
 

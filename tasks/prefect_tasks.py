@@ -173,7 +173,7 @@ def embed_task(run_dir: str, shard: str, ref: dict, teacher: dict) -> dict:
     r = ShardRef.from_dict(ref)
     kw = _teacher_kwargs(teacher)
     return embed_shard(run_dir, r, f"teacher/{r.split}", model=teacher["model"], max_length=teacher["max_length"],
-                       **kw).to_dict()
+                       truncation=teacher["truncation"], **kw).to_dict()
 
 
 @task(name="fit-teacher", cache_key_fn=_cache_key(TEACHER_CODE), **_COMMON)
@@ -186,7 +186,8 @@ def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list
     refs = {k: [ShardRef.from_dict(r) for r in v] for k, v in (("train", train), ("dev", dev), ("test", test))}
     out = join(run_dir, "teacher", "model")
     common = dict(labels=labels, model=teacher["model"], cache_dir=teacher["cache_dir"],
-                  max_length=teacher["max_length"], trust_remote_code=teacher["trust_remote_code"])
+                  max_length=teacher["max_length"], truncation=teacher["truncation"],
+                  trust_remote_code=teacher["trust_remote_code"])
     if teacher["fit"] == "head":
         meta = fit.fit_head(run_dir, refs["train"], refs["dev"], out, head=teacher["head"], test_refs=refs["test"],
                             **common)
@@ -303,15 +304,23 @@ def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
 @task(name="evaluate-student", task_run_name="evaluate-{kind}-{mode}",
       cache_key_fn=_cache_key(STUDENT_CODE + EVALUATE_CODE), **_COMMON)
 def evaluate_student_task(run_dir: str, kind: str, mode: str, trained: dict, test: list[dict], lang: str,
-                          speed_texts: list[str]) -> dict:
+                          speed_texts: list[str], splits: dict[str, list[dict]] | None = None) -> dict:
+    """``splits``: {split: segment shards} whose texts read truncated are counted (see evaluate_student_run)."""
     from tasks.evaluate import evaluate_student_run
 
     return evaluate_student_run(run_dir, trained["dir"], [ShardRef.from_dict(r) for r in test], lang,
-                                speed_texts) | {"kind": kind, "mode": mode}
+                                speed_texts, _split_refs(splits)) | {"kind": kind, "mode": mode}
 
 
 @task(name="evaluate-teacher", cache_key_fn=_cache_key(EVALUATE_CODE), **_COMMON)
-def evaluate_teacher_task(run_dir: str, teacher: dict, weights_hash: str, speed_texts: list[str]) -> dict:
-    from tasks.evaluate import teacher_speed
+def evaluate_teacher_task(run_dir: str, teacher: dict, weights_hash: str, speed_texts: list[str],
+                          splits: dict[str, list[dict]] | None = None) -> dict:
+    """The teacher's speed and size, and under ``truncation`` its rows and texts read truncated per split."""
+    from tasks.evaluate import teacher_speed, teacher_truncated
 
-    return teacher_speed(run_dir, teacher, speed_texts)
+    out = teacher_speed(run_dir, teacher, speed_texts)
+    return out | {"truncation": teacher_truncated(run_dir, teacher, _split_refs(splits))} if splits else out
+
+
+def _split_refs(splits: dict[str, list[dict]] | None) -> dict[str, list[ShardRef]] | None:
+    return None if splits is None else {s: [ShardRef.from_dict(r) for r in refs] for s, refs in splits.items()}

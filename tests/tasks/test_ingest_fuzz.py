@@ -235,14 +235,28 @@ def _run(tmp_path, train, **kw):
     return ingest(str(tmp_path / "run"), IngestParams(train=str(train), **{"min_train_rows": 1, **kw}))
 
 
-def test_a_one_megabyte_text_is_quarantined_not_fatal(tmp_path):
-    train = tmp_path / "t.csv"
-    with open(train, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("text", "label"), ("x" * 1_000_000, "pos"), ("fine", "pos"), ("bad", "neg")])
+def _write_rows(path, rows):  # not `_write`, which the property above uses
+    if path.suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    else:
+        path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows), encoding="utf-8")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_ten_megabyte_text_is_quarantined_with_a_reason_and_a_long_article_is_kept(tmp_path, fmt):
+    # data.max_chars (default 500,000) guards against pathological input; a long article is data (issue 11)
+    train = tmp_path / f"t.{fmt}"
+    article = ("长文章的一句话。" * 25_000)[:200_000]
+    _write_rows(train, [("x" * 10_000_000, "pos"), (article, "pos"), ("fine", "pos"), ("bad", "neg")])
     res = _run(tmp_path, train)
     rej = pq.read_table(tmp_path / "run" / "ingest" / "rejects.parquet").to_pylist()
-    assert [r["source_row"] for r in rej] == [2] and "max_chars (1000000 > 5000)" in rej[0]["reason"]
-    assert sum(res["rows"].values()) == 2
+    assert [r["source_row"] for r in rej] == [2 if fmt == "csv" else 1]  # the line: a CSV's header is line 1
+    assert rej[0]["reason"] == "text longer than data.max_chars (10000000 > 500000)"
+    assert res["reasons"] == {"text longer than data.max_chars": 1}
+    kept = [t for d in res["shards"] for t in read_shard(str(tmp_path / "run"), ShardRef.from_dict(d),
+                                                          columns=["text"]).column("text").to_pylist()]
+    assert sorted(kept, key=len) == ["bad", "fine", article]
 
 
 def test_one_class_is_a_clear_error(tmp_path):
