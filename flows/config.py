@@ -121,15 +121,25 @@ class TeacherConfig(_Section):
 
 
 class StudentConfig(_Section):
-    min_count: int = Field(1, ge=1, description="vocabulary: words seen fewer times map to [UNK]")
+    min_count: int = Field(1, ge=1, description="vocabulary: tokens seen fewer times map to [UNK]")
     max_vocab: int = Field(50000, gt=0)
-    max_len: int = Field(128, gt=0, description="student words per text")
-    # The BOW serves >1,000x the teacher only without a segmenter: segmenting costs more than the BOW itself
-    # (bench/students.py). Characters + bigrams carry what a bag of Chinese words does.
+    max_len: int = Field(128, gt=0, description="student tokens per text (words or subword pieces; longer texts "
+                         "are cut, and the report counts how many)")
+    # What a student reads (tasks/students/tokens.py); every unit serves without a tagger. auto: for zh the
+    # char_students read characters + bigrams (the BOW serves >1,000x the teacher only without a segmenter:
+    # bench/students.py) and the rest jieba words; for other languages words (a regex, microseconds a text).
+    unit: Literal["auto", "words", "chars", "subword"] = Field(
+        "auto", description="token unit of every student: words | chars (characters + bigrams) | subword (the "
+        "teacher's own tokenizer, trimmed to the corpus: any language) | auto (per kind and lang, see units)")
+    units: dict[StudentKind, Literal["words", "chars", "subword"]] = Field(
+        {}, description="per-kind unit, over `unit` (e.g. {bilstm: subword})")
     char_students: list[StudentKind] = Field(
-        ["bow"], description="lang zh: student kinds that read characters and character bigrams instead of "
-        "segmented words (no segmenter when serving); [] for words everywhere. lang en always reads words")
-    max_chars: int = Field(256, gt=0, description="characters per text read by char_students (then their bigrams)")
+        ["bow"], description="unit auto, lang zh: student kinds that read characters and character bigrams "
+        "instead of segmented words (no segmenter when serving)")
+    max_chars: int = Field(256, gt=0, description="characters per text read by the chars unit (then their bigrams)")
+    init: Literal["random", "teacher"] = Field(
+        "random", description="embedding table: random, or static token vectors distilled from the teacher "
+        "(model2vec's recipe: each token through the teacher, PCA to embed_dim, SIF-weighted by corpus counts)")
     embed_dim: int = 128
     # 64: the BiLSTM's cost grows with hidden^2 per token, so 64 serves ~4x cheaper than 128 (bench/students.py
     # measures it against the teacher); with a few thousand labelled rows a wider one has little to gain.
@@ -142,8 +152,12 @@ class StudentConfig(_Section):
     shuffle_buffer: int = Field(10000, gt=0, description="rows held for shuffling while streaming shards")
     seed: int = 0
 
-    def unit(self, kind: str, lang: str) -> str:
-        """The token unit student ``kind`` reads: ``chars`` or ``words``."""
+    def unit_of(self, kind: str, lang: str) -> str:
+        """The token unit student ``kind`` reads: ``words``, ``chars`` or ``subword``."""
+        if kind in self.units:
+            return self.units[kind]
+        if self.unit != "auto":
+            return self.unit
         return "chars" if lang == "zh" and kind in self.char_students else "words"
 
 

@@ -48,6 +48,7 @@ from tasks.prefect_tasks import (
     pos_table_task,
     segment_task,
     train_task,
+    vectors_task,
     vocab_task,
 )
 from tasks.teacher.label import assign_devices
@@ -241,24 +242,39 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     lab, inputs, weights = _online_source(layout) if online else (require(layout, "label", "train"), [], "")
     result = StageResult("train", rerun=rerun)
     s = config.student.model_dump(mode="json")
-    unit = {kind: config.student.unit(kind, config.lang) for kind in config.students}
+    unit = {kind: config.student.unit_of(kind, config.lang) for kind in config.students}
     units = sorted(set(unit.values()), reverse=True)  # words first: its vocab.json keeps its old place
     vocab_refs = [r.to_dict() for r in seg.shards if r.split in ("train", "unlabelled")]
+    # The subword unit reads the teacher's tokenizer: which teacher keys its vocabulary.
+    tok_source = {k: config.teacher.model_dump(mode="json")[k] for k in ("model", "cache_dir", "trust_remote_code")}
     vocabs = dict(zip(units, run_tasks(vocab_task, [dict(run_dir=out, refs=vocab_refs, min_count=s["min_count"],
                                                          max_size=s["max_vocab"], lowercase=config.lang == "en",
-                                                         unit=u) for u in units], out, result, "vocab"),
+                                                         unit=u, lang=config.lang,
+                                                         teacher=tok_source if u == "subword" else None)
+                                                    for u in units], out, result, "vocab"),
                       strict=True))
+    vectors = {u: None for u in units}
+    if config.student.init == "teacher":  # static token vectors distilled from the teacher (issue 11)
+        t = config.teacher.model_dump(mode="json")
+        enc = {k: t[k] for k in ("model", "cache_dir", "trust_remote_code", "device", "dtype", "threads",
+                                 "batch_tokens")}
+        with gpu_tasks(config.runner):
+            vectors = dict(zip(units, run_tasks(vectors_task, [dict(run_dir=out, vocab=vocabs[u], teacher=enc,
+                                                                    dim=s["embed_dim"]) for u in units],
+                                                out, result, "vectors"), strict=True))
     data = {"baseline": [r.to_dict() for r in seg.split("train")], "distilled": [r.to_dict() for r in lab.shards]}
     dev = [r.to_dict() for r in seg.split("dev")]
     calls = [dict(run_dir=out, kind=kind, mode=mode, train=data[mode], dev=dev, vocab=vocabs[unit[kind]],
-                  labels=lab.extra["labels"], student=s, distill=config.distill.model_dump(mode="json"), threads=1)
+                  labels=lab.extra["labels"], student=s, distill=config.distill.model_dump(mode="json"), threads=1,
+                  vectors=vectors[unit[kind]])
              for kind in config.students for mode in ("baseline", "distilled")]
     if online:  # the distilled students ask the teacher service while they train (issue 6)
         d = config.distill
         service = {"url": d.service_url, "concurrency": d.concurrency, "server_batch_size": d.server_batch_size,
                    "retries": d.retries}
         online_calls = [dict(run_dir=out, kind=c["kind"], inputs=inputs, dev=dev, vocab=c["vocab"], labels=c["labels"],
-                             student=s, distill=c["distill"], weights_hash=weights, service=service, threads=1)
+                             student=s, distill=c["distill"], weights_hash=weights, service=service, threads=1,
+                             vectors=c["vectors"])
                         for c in calls if c["mode"] == "distilled"]
         calls = [c for c in calls if c["mode"] == "baseline"]
     trained = run_tasks(train_task, calls, out, result, "train")

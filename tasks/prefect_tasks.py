@@ -35,6 +35,7 @@ AUGMENT_CODE = ("augment.py",)
 TEACHER_CODE = ("teacher/fit.py",)
 LABEL_CODE = ("teacher/label.py",)
 VOCAB_CODE = ("students/vocab.py",)
+VECTORS_CODE = ("students/static.py",)
 STUDENT_CODE = ("students/train.py",)
 ONLINE_CODE = STUDENT_CODE + ("online.py",)
 EXPORT_CODE = ("students/export.py",)
@@ -221,37 +222,71 @@ def label_task(run_dir: str, shard: str, ref: dict, kind: str, teacher: dict, we
 
 @task(name="vocab", task_run_name="vocab-{unit}", cache_key_fn=_cache_key(VOCAB_CODE), **_COMMON)
 def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lowercase: bool,
-               unit: str = "words") -> dict:
-    """The students' vocabulary over the segmented train + unlabelled rows: ``train/vocab.json`` (words) or
-    ``train/vocab-chars.json`` (characters + bigrams)."""
+               unit: str = "words", lang: str = "zh", teacher: dict | None = None) -> dict:
+    """The students' vocabulary over the segmented train + unlabelled texts: ``train/vocab.json`` (words) or
+    ``train/vocab-<unit>.json`` (chars, subword; subword reads ``teacher``'s tokenizer, saved beside it)."""
     from storage.fs import join
     from storage.hashing import sha256_file
     from tasks.students.vocab import build_vocab_from_shards
 
-    vocab = build_vocab_from_shards(run_dir, [ShardRef.from_dict(r) for r in refs], min_count=min_count,
-                                    max_size=max_size, lowercase=lowercase, unit=unit)
+    tokenizer = None
+    if unit == "subword":
+        from tasks.students.subword import tokenizer_json
+        from tasks.teacher.model import resolve_base
+
+        base = resolve_base(teacher["model"], teacher["cache_dir"])
+        tokenizer = tokenizer_json(str(base.path), trust_remote_code=teacher["trust_remote_code"])
+    vocab = build_vocab_from_shards(run_dir, [ShardRef.from_dict(r) for r in refs], unit=unit, lang=lang,
+                                    lowercase=lowercase, min_count=min_count, max_size=max_size, tokenizer=tokenizer)
     rel = "train/vocab.json" if unit == "words" else f"train/vocab-{unit}.json"
     path = join(run_dir, rel)
     vocab.save(path)
     return {"path": rel, "sha256": sha256_file(path), "size": len(vocab), "unit": unit}
 
 
+@task(name="vectors", task_run_name="vectors-{vocab[unit]}", cache_key_fn=_cache_key(VECTORS_CODE), **_COMMON)
+def vectors_task(run_dir: str, vocab: dict, teacher: dict, dim: int) -> dict:
+    """Static token vectors of a vocabulary distilled from the teacher's encoder (``student.init: teacher``):
+    ``train/vectors-<unit>-<dim>.npy``."""
+    import io
+
+    import numpy as np
+
+    from storage.fs import atomic_write_bytes, join
+    from storage.hashing import sha256_bytes
+    from tasks.students.static import static_vectors
+    from tasks.students.vocab import Vocab
+    from tasks.teacher.model import load_base_teacher, set_threads
+
+    set_threads(teacher["threads"])
+    enc = load_base_teacher(teacher["model"], cache_dir=teacher["cache_dir"], device=teacher["device"],
+                            dtype=teacher["dtype"], threads=teacher["threads"],
+                            trust_remote_code=teacher["trust_remote_code"])
+    vecs = static_vectors(Vocab.load(join(run_dir, vocab["path"])), enc, dim, batch_tokens=teacher["batch_tokens"])
+    buf = io.BytesIO()
+    np.save(buf, vecs, allow_pickle=False)
+    rel = f"train/vectors-{vocab['unit']}-{dim}.npy"
+    atomic_write_bytes(join(run_dir, rel), buf.getvalue())
+    return {"path": rel, "sha256": sha256_bytes(buf.getvalue()), "shape": list(vecs.shape)}
+
+
 @task(name="train-student", task_run_name="train-{kind}-{mode}", cache_key_fn=_cache_key(STUDENT_CODE), **_COMMON)
 def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[dict], vocab: dict,
-               labels: list[str], student: dict, distill: dict, threads: int | None = None) -> dict:
+               labels: list[str], student: dict, distill: dict, threads: int | None = None,
+               vectors: dict | None = None) -> dict:
     """Step 3: one student (``baseline`` on gold labels or ``distilled`` on teacher logits), early-stopped on dev.
 
     Resumes from its last epoch checkpoint when a previous attempt was interrupted.
     """
     return _train_student(run_dir, kind, mode, [ShardRef.from_dict(r) for r in train], dev, vocab, labels, student,
-                          distill, threads)
+                          distill, threads, vectors)
 
 
 @task(name="train-student-online", task_run_name="train-{kind}-{mode}-online",
       cache_key_fn=_cache_key(ONLINE_CODE), **_COMMON)
 def online_train_task(run_dir: str, kind: str, inputs: list[dict], dev: list[dict], vocab: dict,
                       labels: list[str], student: dict, distill: dict, weights_hash: str, service: dict,
-                      threads: int | None = None) -> dict:
+                      threads: int | None = None, vectors: dict | None = None) -> dict:
     """Step 3, online (issue 6): a distilled student whose LABELLED shards the teacher service answers while it
     trains (``tasks/online.py``); ``inputs`` are ``{"kind", "ref"}`` input shards. Every answer is kept as a
     label shard, so a retry (the service was down too long) resumes without asking again."""
@@ -262,12 +297,17 @@ def online_train_task(run_dir: str, kind: str, inputs: list[dict], dev: list[dic
                        server_batch_size=service["server_batch_size"], retries=service["retries"]) as client, \
             OnlineLabeller(run_dir, pairs, client, weights_hash=weights_hash, labels=labels) as labeller:
         return _train_student(run_dir, kind, "distilled", labeller.refs(), dev, vocab, labels, student, distill,
-                              threads)
+                              threads, vectors)
 
 
 def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: list[dict], vocab: dict,
-                   labels: list[str], student: dict, distill: dict, threads: int | None) -> dict:
-    from storage.fs import join
+                   labels: list[str], student: dict, distill: dict, threads: int | None,
+                   vectors: dict | None = None) -> dict:
+    import io
+
+    import numpy as np
+
+    from storage.fs import join, read_bytes
     from tasks.students.train import train_student
     from tasks.students.vocab import Vocab
 
@@ -281,6 +321,8 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
         max_len=s["max_chars"] if vocab.get("unit") == "chars" else s["max_len"],
         epochs=s["epochs"], patience=s["patience"], batch_size=s["batch_size"], optimizer=s["optimizer"],
         lr=s["lr"], shuffle_buffer=s["shuffle_buffer"], seed=s["seed"], threads=threads,
+        init_vectors=np.load(io.BytesIO(read_bytes(join(run_dir, vectors["path"]))), allow_pickle=False)
+        if vectors else None,
     )
     best = join(run_dir, rel, "best.pt")
     from storage.hashing import sha256_file

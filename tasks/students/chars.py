@@ -31,9 +31,10 @@ _SPACE = np.zeros(BMP, dtype=bool)
 _SPACE[[c for c in range(BMP) if chr(c).isspace()]] = True
 
 
-def char_string(words: Sequence[str]) -> str:
-    """The text a segmented row stands for, masked words as the placeholder character."""
-    return "".join(MASK_PLACEHOLDER if w == UNK else w for w in words)
+def char_string(words: Sequence[str], sep: str = "") -> str:
+    """The text a segmented row stands for, masked words as the placeholder character (``sep`` between words:
+    "" for zh and for characters, whose tokens skip whitespace anyway; " " for languages written with spaces)."""
+    return sep.join(MASK_PLACEHOLDER if w == UNK else w for w in words)
 
 
 def count_tokens(texts: Iterable[str], lowercase: bool = False) -> Counter[str]:

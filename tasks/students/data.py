@@ -41,7 +41,7 @@ _Row = tuple[str, list[int], int, int, "np.ndarray | None"]
 
 
 class ShardStream:
-    """Batches over ``refs``; ``mode`` picks the schema: "baseline" reads ``words`` + gold ``label``
+    """Batches over ``refs``; ``mode`` picks the schema: "baseline" reads ``text`` + gold ``label``
     (SEGMENT rows; rows without a gold label are skipped), "distilled" reads LABELLED rows (teacher
     ``logits`` on every row; gold ``label`` used only on ``original`` rows: an augmented copy's source label
     may no longer hold after masking or n-gram sampling)."""
@@ -77,16 +77,21 @@ class ShardStream:
         resolve = getattr(ref, "resolve", None)
         ref = resolve() if resolve is not None else ref
         distilled = self.mode == "distilled"
-        cols = ["id", "words", "label"] + (["kind", "logits", "label_t"] if distilled else [])
+        # A student reads text, as it will be served (tasks/students/tokens.py): LABELLED rows' teacher text
+        # (masked words as the placeholder), SEGMENT rows' own text.
+        cols = ["id", "text_t", "label"] + (["kind", "logits", "label_t"] if distilled else [])
         table = read_shard(self.run_dir, ref, columns=None if not distilled else cols)
         if not distilled:
             has_kind = "kind" in table.column_names  # LABELLED shards passed to a baseline: originals only
-            table = table.select(cols + (["kind"] if has_kind else []))
+            text_col = "text_t" if "text_t" in table.column_names else "text"
+            table = table.select(["id", text_col, "label"] + (["kind"] if has_kind else []))
+            table = table.rename_columns(["id", "text_t", "label"] + (["kind"] if has_kind else []))
         n_classes = len(self.labels)
         for chunk in table.to_batches(max_chunksize=_CHUNK_ROWS):
             d = chunk.to_pydict()
             kinds = d.get("kind") or [None] * chunk.num_rows
-            encoded = self.vocab.encode_rows(d["words"], self.max_len)  # one pass per chunk (chars: compiled)
+            ids, lengths = self.vocab.encode_texts(d["text_t"], self.max_len)  # one pass per chunk
+            encoded = [row[:n].tolist() for row, n in zip(ids, lengths)]
             for i in range(chunk.num_rows):
                 gold_name = d["label"][i]
                 if distilled:

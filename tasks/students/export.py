@@ -7,8 +7,8 @@ An export directory is self-contained::
     vocab.json     labels.json
     student.json   written last: kind, sizes, segmentation settings (lang, unit, max_len, lowercase), files
 
-Raw text goes through the same segmentation the training shards were made with (tasks.segment), or, for a
-student of characters (``unit: chars``), straight to the vocabulary's compiled lookup (tasks/students/chars.py).
+Raw text goes through the vocabulary's own tokeniser (tasks/students/tokens.py: words, characters or the
+teacher's subword pieces), the one the student was trained through: no tagger or parser runs when serving.
 """
 
 from __future__ import annotations
@@ -29,18 +29,6 @@ FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 META = "student.json"
 INPUTS = ("ids", "lengths")
-
-
-def tokenize(texts: list[str], lang: str) -> list[list[str]]:
-    """Student tokens of raw texts: the segmentation the training shards used (tasks.segment), through
-    the ~15x faster equivalent in fastseg for zh when rjieba is installed."""
-    from tasks import fastseg
-
-    if lang == "zh" and fastseg.available():
-        return fastseg.tokenize_zh(texts)
-    from tasks.segment import tokenize as segment_tokenize
-
-    return segment_tokenize(texts, lang)
 
 
 def _example_inputs():
@@ -199,13 +187,18 @@ class Predictor:
             return self._module(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, lengths) of raw texts: segmented (words vocabulary) or looked up directly (chars)."""
-        if self.vocab.unit == "chars":
-            return self.vocab.encode_texts(texts, self.max_len)
-        return self.vocab.encode_batch(tokenize(texts, self.lang), self.max_len)
+        """(ids, lengths) of raw texts, through the vocabulary's tokeniser (as in training)."""
+        return self.vocab.encode_texts(texts, self.max_len)
+
+    def count_truncated(self, texts: list[str]) -> int:
+        """How many of ``texts`` this student reads cut to its ``max_len`` tokens."""
+        n = 0
+        for i in range(0, len(texts), 1024):
+            n += int((self.vocab.token_counts(texts[i : i + 1024]) > self.max_len).sum())
+        return n
 
     def logits_words(self, word_lists: list[list[str]]) -> np.ndarray:
-        """[N, C] logits of segmented texts, in input order."""
+        """[N, C] logits of already tokenised texts, in input order (bench: the model without its tokeniser)."""
         return self.logits_encoded(*self.vocab.encode_batch(word_lists, self.max_len))
 
     def logits_encoded(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from storage.fs import atomic_write_bytes, atomic_write_text, exists, join, makedirs, read_bytes
-from storage.hashing import fingerprint
+from storage.hashing import fingerprint, sha256_bytes
 from storage.shards import ShardRef
 from tasks.students.data import MODES, Mode, ShardStream
 from tasks.students.evaluate import classification_metrics
@@ -114,12 +114,14 @@ def train_student(run_dir: str, *, kind: str, mode: Mode, train_refs: list[Shard
                   max_len: int = 128, epochs: int = 10, patience: int = 2, batch_size: int = 64,
                   optimizer: str = "adam", lr: float | None = None, shuffle_buffer: int = 10000, seed: int = 0,
                   threads: int | None = 1, progress: bool | None = None,
-                  on_epoch_end: Callable[[dict], None] | None = None) -> dict:
+                  on_epoch_end: Callable[[dict], None] | None = None, init_vectors=None) -> dict:
     """Train a ``kind`` student and return ``{"best_dev_accuracy", "best_epoch", "epochs_run", "checkpoint",
     "out_dir", "history", "params", ...}``.
 
     mode "baseline": cross-entropy on gold labels of SEGMENT shards (``loss`` is ignored).
     mode "distilled": ``loss`` (mse | kl | ce | mix, see losses.py) on LABELLED shards' teacher logits.
+    ``init_vectors``: [len(vocab), embed_dim] float32 initial embedding table (tasks/students/static.py), else
+    the model's own random initialisation.
     Resumes from ``out_dir/last.pt`` when it was written by a call with the same inputs and params; a
     resumed run ends with the same weights and result as an uninterrupted one. ``on_epoch_end`` receives
     each epoch's history entry after its checkpoint is on disk (for logging). ``threads``: torch intra-op
@@ -149,7 +151,8 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
            vocab: Vocab, labels: list[str], out_dir: str, loss: str, temperature: float, alpha: float,
            embed_dim: int, hidden: int, dropout: float, max_len: int, epochs: int, patience: int, batch_size: int,
            optimizer: str, lr: float | None, shuffle_buffer: int, seed: int, progress: bool | None,
-           on_epoch_end: Callable[[dict], None] | None) -> dict:
+           on_epoch_end: Callable[[dict], None] | None, init_vectors) -> dict:
+    import numpy as np
     import torch
 
     from tasks.students.losses import check_loss
@@ -165,10 +168,18 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
     if not train_refs or not dev_refs:
         raise ValueError("train_student needs train and dev shards; got "
                          f"{len(train_refs)} train, {len(dev_refs)} dev")
+    init = "random"
+    if init_vectors is not None:
+        init_vectors = np.ascontiguousarray(init_vectors, dtype=np.float32)
+        if init_vectors.shape != (len(vocab), embed_dim):
+            raise ValueError(f"init_vectors has shape {init_vectors.shape}, the embedding table is "
+                             f"({len(vocab)}, {embed_dim}); compute them for this vocabulary and embed_dim")
+        init = "vectors:" + sha256_bytes(init_vectors.tobytes())
     params = {"kind": kind, "mode": mode, "loss": loss if mode == "distilled" else "ce", "temperature": temperature,
               "alpha": alpha, "embed_dim": embed_dim, "hidden": hidden, "dropout": dropout, "max_len": max_len,
               "epochs": epochs, "patience": patience, "batch_size": batch_size, "optimizer": optimizer,
-              "lr": DEFAULT_LR[optimizer] if lr is None else lr, "shuffle_buffer": shuffle_buffer, "seed": seed}
+              "lr": DEFAULT_LR[optimizer] if lr is None else lr, "shuffle_buffer": shuffle_buffer, "seed": seed,
+              "init": init}
     fp = fingerprint("train_student", params, [r.sha256 for r in train_refs], [r.sha256 for r in dev_refs],
                      vocab.fingerprint, list(labels))
     makedirs(out_dir)
@@ -186,6 +197,9 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
     with _INIT_LOCK:  # torch's RNG is process-wide: two trainings in one thread runner would interleave draws
         torch.manual_seed(seed)
         model = student_class(kind)(len(vocab), len(labels), embed_dim=embed_dim, hidden=hidden, dropout=dropout)
+        if init_vectors is not None:
+            with torch.no_grad():
+                model.embed.weight.copy_(torch.from_numpy(init_vectors))
     opt = _Optimizer(optimizer, model, lr)
     history: list[dict] = []
     start_epoch = 0

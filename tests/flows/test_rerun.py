@@ -29,7 +29,7 @@ def test_rerun_one_label_shard_then_only_its_dependents(tmp_path):
     assert by["label"] == {"executed": 1, "cached": len(labels) - 1}
     # the vocabularies (one per token unit) and the baselines read no label shard: cached; the distilled
     # students read it: rerun
-    units = {config.student.unit(k, config.lang) for k in config.students}
+    units = {config.student.unit_of(k, config.lang) for k in config.students}
     assert by["train"] == {"executed": len(config.students), "cached": len(units) + len(config.students)}
     assert _hashes(out, "label") == labels  # the other shards (and this one, recomputed) keep their hashes
     assert set(by) == {"label", "train"}

@@ -27,7 +27,7 @@ def _rows(n: int, seed: int, prefix: str):
 
 def segment_table(rows) -> pa.Table:
     return pa.table({
-        "id": [r[0] for r in rows], "text": ["".join(r[1]) for r in rows], "label": [r[2] for r in rows],
+        "id": [r[0] for r in rows], "text": [" ".join(r[1]) for r in rows], "label": [r[2] for r in rows],
         "source_file": ["synthetic"] * len(rows), "source_row": list(range(1, len(rows) + 1)),
         "words": [r[1] for r in rows], "pos": [["n"] * len(r[1]) for r in rows],
         "ws": [[False] * len(r[1]) for r in rows],
@@ -40,7 +40,7 @@ def labelled_table(rows, kinds=None, gold=None) -> pa.Table:
     probs = [list(np.exp(x) / np.exp(x).sum()) for x in np.array(logits)]
     return pa.table({
         "id": [r[0] for r in rows], "source_id": [r[0] for r in rows], "kind": kinds,
-        "text_t": ["".join(r[1]) for r in rows], "words": [r[1] for r in rows],
+        "text_t": [" ".join(r[1]) for r in rows], "words": [r[1] for r in rows],
         "label": gold if gold is not None else [r[2] for r in rows],
         "logits": logits, "probs": probs, "label_t": [r[2] for r in rows],
         "confidence": [max(p) for p in probs],

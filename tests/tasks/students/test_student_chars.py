@@ -99,4 +99,4 @@ def test_chars_vocab_round_trips_and_bad_tokens_are_refused(tmp_path):
     with pytest.raises(ValueError, match="neither a character nor a bigram"):
         CharEncoder((PAD, UNK, "abc"))
     with pytest.raises(ValueError, match="no character encoder"):
-        Vocab.build([["好"]]).encode_texts(["好"], 4)
+        _ = Vocab.build([["好"]]).chars
