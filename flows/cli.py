@@ -38,6 +38,7 @@ def _prefect_defaults() -> None:
 
 
 _DEBUG = False  # --debug: tracebacks, Prefect's included
+_VERBOSE = False  # --verbose: Prefect's INFO lines (server start, each flow and task run) on the console
 
 
 class _NoRunFailures(logging.Filter):
@@ -46,6 +47,10 @@ class _NoRunFailures(logging.Filter):
     shows them here too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Progress bars say what runs; Prefect's INFO lines (a temporary server started, each run begun and
+        # finished) are for the UI and --verbose. The server's log keeps them either way.
+        if record.levelno < logging.WARNING and not _VERBOSE:
+            return False
         if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
             return True
         # A failed flow run says so at INFO ("Finished in state Failed(...)"), with the whole message again.
@@ -99,50 +104,71 @@ def _summary(report: dict) -> str:
     return (f"\n{table}\n" if table else "") + f"rows: {rows}\ntasks: {t['executed']} executed, {t['cached']} cached"
 
 
+def _locked(out: str, args):
+    """The run directory's lock (storage/lock.py), taken before Prefect starts: a second run on a directory in
+    use says once who holds it and waits, or with --no-wait stops at once (one error line)."""
+    from storage.lock import run_lock
+
+    return run_lock(out, wait=not args.no_wait, notify=lambda msg: print(f"slimflow: {msg}", file=sys.stderr,
+                                                                         flush=True))
+
+
 def cmd_run(args) -> int:
-    _prefect_defaults()
     from flows.config import load_config
-    from flows.pipeline import PIPELINE, run_flow
 
     config = load_config(args.config)
     out = _out_dir(args, config)
-    report = run_flow(config=config, out=os.path.abspath(out), until=args.until or PIPELINE[-1])
+    with _locked(os.path.abspath(out), args):
+        _prefect_defaults()
+        from flows.pipeline import PIPELINE, run_flow
+
+        report = run_flow(config=config, out=os.path.abspath(out), until=args.until or PIPELINE[-1])
     print(_summary(report))
     print(f"report: {os.path.join(out, 'report.json')}")
     return 0
 
 
 def cmd_stage(args) -> int:
-    _prefect_defaults()
     from flows.config import load_config
-    from flows.pipeline import run_stages
 
     config = load_config(args.config)
     out = _out_dir(args, config)
-    report = run_stages(config, os.path.abspath(out), [args.command])
+    _prefect_defaults()
+    from flows.pipeline import plan_stages, run_stages
+
+    plan_stages(config, os.path.abspath(out), [args.command])  # a stage refused (label in online mode) locks nothing
+    with _locked(os.path.abspath(out), args):
+        report = run_stages(config, os.path.abspath(out), [args.command])
     print(_summary(report))
     return 0
 
 
 def cmd_demo(args) -> int:
-    _prefect_defaults()
     from flows.config import load_config
     from flows.demo import write_demo_config
-    from flows.pipeline import PIPELINE, run_flow
 
     out = os.path.abspath(args.out or os.path.join("runs", f"demo-{args.preset}"))
-    config = load_config(write_demo_config(out, args.preset))
-    report = run_flow(config=config, out=out, until=PIPELINE[-1])
+    with _locked(out, args):  # the demo writes its data and config into the run directory too
+        _prefect_defaults()
+        from flows.pipeline import PIPELINE, run_flow
+
+        config = load_config(write_demo_config(out, args.preset))
+        report = run_flow(config=config, out=out, until=PIPELINE[-1])
     print(_summary(report))
     print(f"run directory: {out}\nreport: {os.path.join(out, 'report.md')}")
     return 0
 
 
 def cmd_rerun(args) -> int:
-    _prefect_defaults()
-    from flows.pipeline import rerun_stages
+    import contextlib
 
-    report = rerun_stages(os.path.abspath(args.run_dir), args.stage, args.shard)
+    run_dir = os.path.abspath(args.run_dir)
+    # A folder that is not there is not created for its lock: rerun_stages says it is no run directory.
+    with _locked(run_dir, args) if os.path.isdir(run_dir) else contextlib.nullcontext():
+        _prefect_defaults()
+        from flows.pipeline import rerun_stages
+
+        report = rerun_stages(run_dir, args.stage, args.shard)
     print(_summary(report))
     return 0
 
@@ -174,6 +200,12 @@ def cmd_data_export(args) -> int:
     return 0
 
 
+def no_wait_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--no-wait", action="store_true",
+                    help="when another run is writing the run directory, stop at once (exit 1, naming it) "
+                    "instead of waiting for it to finish")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="slimflow",
@@ -183,12 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Quick start: `make demo`. Config reference: README.md, section Config (every key with its default: "
         "flows/config.py). Add --debug for a traceback on errors.",
     )
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors (and Prefect's logs)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Prefect's INFO log lines on the console (server start, every flow and task run)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_args(sp):
         sp.add_argument("config", help="the run's YAML config (see README: Config)")
         sp.add_argument("--out", help="run directory (default: ./runs/<name>)")
+        no_wait_arg(sp)
 
     sp = sub.add_parser("run", help="run the pipeline (every stage, or up to --until)",
                         description="Run the pipeline on CONFIG. Stages already done with the same inputs, "
@@ -214,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard", nargs="+", metavar="ID",
                     help="shard ids of that stage (default: all of them); only the stages with a task per shard "
                     "take it: segment, augment, label, and teacher with teacher.fit: head")
+    no_wait_arg(sp)
     sp.set_defaults(func=cmd_rerun)
 
     sp = sub.add_parser("predict", help="classify text lines from stdin with an exported student",
@@ -237,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="quick (default, <15 min on 2 cores): 6,000 unlabelled rows, n_iter 3, BOW + BiLSTM; "
                     "full (~20 min on 2 cores): every unlabelled row, n_iter 10, BOW + CNN + BiLSTM")
     sp.add_argument("--out", help="run directory (default: ./runs/demo-<preset>)")
+    no_wait_arg(sp)
     sp.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="the bundled demo datasets",
@@ -265,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _DEBUG
+    global _DEBUG, _VERBOSE
     args = build_parser().parse_args(argv)
-    _DEBUG = args.debug
+    _DEBUG, _VERBOSE = args.debug, args.verbose or args.debug
     try:
         return args.func(args)
     except KeyboardInterrupt:
