@@ -59,6 +59,9 @@ def add_teacher_commands(sub) -> None:
         tp = sub.add_parser("teacher", help="fit the teacher (stage), or `teacher serve CONFIG` to serve it")
         tp.add_argument("config", help="the run's YAML config, or `serve`")
         tp.add_argument("--out", help="run directory (default: ./runs/<name>)")
+        from flows.cli import no_wait_arg
+
+        no_wait_arg(tp)
     tp.description = _SERVE_DESC
     tp.formatter_class = argparse.RawDescriptionHelpFormatter
     tp.add_argument("serve_config", nargs="?", metavar="CONFIG", help="with `serve`: the run's YAML config")

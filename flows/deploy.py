@@ -69,7 +69,11 @@ def build_deployments(config: Config, out: str, name: str, cron: str | None = No
     # Module entrypoints (flows.pipeline.run_flow): the run, served or on a worker, imports the flow from the
     # installed slimflow in any working directory, where a file path would tie it to this checkout. The task
     # runner comes from the run's `config.runner` when the pipeline calls each stage (flows/runners.py).
-    common = dict(name=name, entrypoint_type=EntrypointType.MODULE_PATH)
+    # concurrency_limit 1: a deployment's runs are queued (Prefect's ENQUEUE), never two at once; a cron run
+    # firing while the last one still runs waits for it. That alone cannot keep the pipeline and a stage
+    # deployment (or a `slimflow run` in a shell) off one run directory: the run-directory lock (storage/lock.py),
+    # which every stage flow takes, does.
+    common = dict(name=name, entrypoint_type=EntrypointType.MODULE_PATH, concurrency_limit=1)
     deployments = [run_flow.to_deployment(
         schedules=[Cron(cron, timezone=timezone)] if cron else None,
         parameters=deployment_parameters(config, out, until), tags=TAGS,

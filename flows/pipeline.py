@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import os
 import time
 
@@ -21,6 +23,7 @@ from flows.stages import StageResult, run_tasks
 from storage.fs import atomic_write_text, exists, read_bytes
 from storage.hashing import fingerprint, sha256_file
 from storage.layout import STAGES, RunLayout
+from storage.lock import run_lock
 from storage.manifest import Manifest, commit_manifest, read_manifest
 from storage.readers import InputError
 from storage.shards import ShardRef, read_shard
@@ -56,6 +59,31 @@ from tasks.teacher.label import assign_devices
 PIPELINE = STAGES  # the stages in the order they run (defined once, in storage/layout.py)
 
 
+def _lock_notice(msg: str) -> None:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        logger = get_run_logger()  # inside a flow run: the run's log in the UI
+    except MissingContextError:
+        logger = logging.getLogger("slimflow")
+    logger.warning(msg)
+
+
+def _holding_run_lock(fn):
+    """A stage flow holds its run directory's lock (storage/lock.py) while it runs: a stage deployment started
+    while another run writes the directory waits for it. Under ``run_stages``, which holds it, this is a no-op
+    (the lock is re-entrant within a process)."""
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        out = kwargs["out"] if "out" in kwargs else args[1]
+        with run_lock(out, notify=_lock_notice):
+            return fn(*args, **kwargs)
+
+    return locked
+
+
 class StageOrderError(RuntimeError):
     """A stage was asked to run before the stage it reads from was committed."""
 
@@ -83,6 +111,7 @@ def _refs(results: list[dict]) -> list[ShardRef]:
 
 
 @flow(name="ingest", flow_run_name="ingest-{config.name}")
+@_holding_run_lock
 def ingest_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Read and validate the inputs; quarantine bad rows; split; write content-addressed shards."""
     layout = RunLayout(out)
@@ -116,6 +145,7 @@ def ingest_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 
 
 @flow(name="segment", flow_run_name="segment-{config.name}")
+@_holding_run_lock
 def segment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Words + POS tags once per source row (jieba for zh, spaCy for en)."""
     layout = RunLayout(out)
@@ -134,6 +164,7 @@ def segment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 
 
 @flow(name="augment", flow_run_name="augment-{config.name}")
+@_holding_run_lock
 def augment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """UNK masking, same-POS substitution and n-gram sampling of the labelled train rows."""
     layout = RunLayout(out)
@@ -157,6 +188,7 @@ def augment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 
 
 @flow(name="teacher", flow_run_name="teacher-{config.name}")
+@_holding_run_lock
 def teacher_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Step 1: make the teacher ready on the labelled rows (frozen encoder + head, fine-tune, or as given)."""
     layout = RunLayout(out)
@@ -191,6 +223,7 @@ def teacher_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 
 
 @flow(name="label", flow_run_name="label-{config.name}")
+@_holding_run_lock
 def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Step 2: the teacher labels every original, augmented and unlabelled row, shard by shard."""
     layout = RunLayout(out)
@@ -234,6 +267,7 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 
 
 @flow(name="train", flow_run_name="train-{config.name}")
+@_holding_run_lock
 def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Step 3: every student kind twice, from the same code: on gold labels (baseline) and on the teacher's."""
     layout = RunLayout(out)
@@ -290,6 +324,7 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 
 
 @flow(name="export", flow_run_name="export-{config.name}")
+@_holding_run_lock
 def export_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Each distilled student as ONNX + TorchScript, with its vocabulary, labels and segmentation settings."""
     layout = RunLayout(out)
@@ -307,6 +342,7 @@ def export_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 
 
 @flow(name="evaluate", flow_run_name="evaluate-{config.name}")
+@_holding_run_lock
 def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Teacher vs baseline vs distilled students on the test split: accuracy, macro-F1, MCC, texts/s, size."""
     from tasks.evaluate import SPEED_TEXTS
@@ -381,9 +417,16 @@ def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None =
     """Run ``stages`` in order and merge their results into the report.
 
     ``rerun`` ({"stage", "shards"}) forces those tasks to recompute, and with them every task downstream that
-    reads one of their outputs (`slimflow rerun`).
+    reads one of their outputs (`slimflow rerun`). Holds the run directory's lock throughout (storage/lock.py):
+    a run already writing ``out`` is waited for.
     """
-    layout = RunLayout(out)
+    stages = plan_stages(config, out, stages)  # refused before the lock creates anything
+    with run_lock(out, notify=_lock_notice):
+        return _run_stages(config, out, stages, rerun)
+
+
+def plan_stages(config: Config, out: str, stages: list[str]) -> list[str]:
+    """The stages ``run_stages`` runs for ``stages``: no label stage in online mode, an error if that was all."""
     if config.distill.mode == "online":  # the train stage asks the teacher service instead (issue 6)
         if stages and all(s == "label" for s in stages):
             raise ValueError(
@@ -392,6 +435,11 @@ def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None =
                 f"--out {out}`) and run `slimflow train CONFIG --out {out}`, or set distill.mode: offline to label "
                 "every row ahead of training")
         stages = [s for s in stages if s != "label"]
+    return stages
+
+
+def _run_stages(config: Config, out: str, stages: list[str], rerun: dict | None) -> dict:
+    layout = RunLayout(out)
     atomic_write_text(layout.path("config.json"), config.model_dump_json(indent=1))  # what `rerun` reloads
     results = []
     with shared_cluster(config.runner) as runner:

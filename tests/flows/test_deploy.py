@@ -44,6 +44,8 @@ def test_deployments_carry_the_config_and_follow_the_pipeline(tmp_path):
         d = by_flow[stage_flow.name]
         assert d.entrypoint == _entrypoint(stage_flow) and not d.schedules
         assert f"stage:{stage}" in d.tags and "until" not in d.parameters
+    # one run of each deployment at a time; across deployments the run-directory lock keeps them apart
+    assert all(d.concurrency_limit == 1 for d in deps)
 
 
 def test_until_must_name_a_stage(tmp_path):
@@ -63,6 +65,7 @@ def test_register_with_a_process_pool_is_idempotent(tmp_path):
         assert client.read_work_pool("slimflow-test-pool").type == "process"
         pipe = client.read_deployment_by_name(f"{run_flow.name}/pool-test")
         assert pipe.work_pool_name == "slimflow-test-pool" and pipe.entrypoint == _entrypoint(run_flow)
+        assert pipe.global_concurrency_limit.limit == 1
         client.create_work_pool(WorkPoolCreate(name="not-a-process-pool", type="kubernetes"))
     with pytest.raises(DeployError, match="'kubernetes' pool"):
         register_deployments(deps, "not-a-process-pool")
@@ -94,8 +97,10 @@ def test_prefect_yaml_declares_the_same_deployments(tmp_path):
         pipe = client.read_deployment_by_name(f"{run_flow.name}/demo")
         assert pipe.work_pool_name == "slimflow" and pipe.parameters["out"] == "runs/demo"
         assert [s.active for s in pipe.schedules] == [False]
+        assert pipe.global_concurrency_limit.limit == 1  # a cron run never overlaps the previous one
         for stage_flow in STAGE_FLOWS.values():
-            assert client.read_deployment_by_name(f"{stage_flow.name}/demo").entrypoint == _entrypoint(stage_flow)
+            dep = client.read_deployment_by_name(f"{stage_flow.name}/demo")
+            assert dep.entrypoint == _entrypoint(stage_flow) and dep.global_concurrency_limit.limit == 1
 
 
 def test_deploy_without_a_server_says_how_to_start_one(tmp_path, capsys):
