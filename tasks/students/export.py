@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from storage.fs import atomic_write_bytes, atomic_write_text, exists, join, makedirs, read_bytes
-from storage.hashing import sha256_bytes
-from tasks.students.vocab import Vocab
+from storage.atomic_dir import FolderMismatch, build_dir, check_blob, file_hashes
+from storage.fs import atomic_write_text, exists, join, read_bytes
+from tasks.students.vocab import Vocab, tokenizer_path
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -84,35 +83,31 @@ def export_student(train_dir: str, export_dir: str, *, lang: str,
 def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, export_dir: str, *, lang: str,
                  formats: Iterable[str] = FORMATS) -> dict:
     """Export a student module (``model_config`` as in best.pt) with its vocab, labels and segmentation
-    settings. Each file is written atomically and student.json last, so a directory with it is whole."""
+    settings. The folder is built beside ``export_dir`` and swapped in whole (storage/atomic_dir.py): student.json,
+    written last, records every file's sha256, and a kill midway leaves the previous export as it was."""
     formats = list(formats)
     for f in formats:
         if f not in FORMATS:
             raise ValueError(f"unknown export format {f!r}; choose from: {', '.join(FORMATS)}")
-    makedirs(export_dir)
-    files: dict[str, dict] = {}
     # A BOW is served with its first dense layer folded into the embedding table (models.FoldedBOW): the same
     # logits from a table hidden-wide instead of embed_dim-wide (half at the default sizes).
     served = model.eval().folded() if hasattr(model, "folded") else model
-    with tempfile.TemporaryDirectory() as tmp:
-        for f in formats:
-            local = os.path.join(tmp, FILES[f])
-            (export_onnx if f == "onnx" else export_torchscript)(served, local)
-            with open(local, "rb") as fh:
-                data = fh.read()
-            atomic_write_bytes(join(export_dir, FILES[f]), data)
-            files[FILES[f]] = {"bytes": len(data), "sha256": sha256_bytes(data)}
-    vocab.save(join(export_dir, "vocab.json"))
-    atomic_write_text(join(export_dir, "labels.json"), json.dumps(list(labels), ensure_ascii=False))
     from tasks.students.evaluate import count_params
 
-    meta = {"format": 1, "kind": model_config["kind"], "model": model_config, "params": count_params(model),
-            "served_params": count_params(served),
-            "labels": list(labels),
-            "lang": lang, "max_len": model_config["max_len"], "lowercase": vocab.lowercase, "unit": vocab.unit,
-            "files": files,
-            "inputs": {"ids": "[batch, time] int64", "lengths": "[batch] int64"}, "outputs": {"logits": "[batch, C]"}}
-    atomic_write_text(join(export_dir, META), json.dumps(meta, indent=1, ensure_ascii=False))
+    with build_dir(export_dir) as tmp:
+        for f in formats:
+            (export_onnx if f == "onnx" else export_torchscript)(served, os.path.join(tmp, FILES[f]))
+        vocab.save(os.path.join(tmp, "vocab.json"))
+        atomic_write_text(os.path.join(tmp, "labels.json"), json.dumps(list(labels), ensure_ascii=False))
+        # format 2: "files" holds every file of the folder (1: the model files only), checked by the Predictor
+        meta = {"format": 2, "kind": model_config["kind"], "model": model_config, "params": count_params(model),
+                "served_params": count_params(served),
+                "labels": list(labels),
+                "lang": lang, "max_len": model_config["max_len"], "lowercase": vocab.lowercase, "unit": vocab.unit,
+                "files": file_hashes(tmp, exclude=(META,)),
+                "inputs": {"ids": "[batch, time] int64", "lengths": "[batch] int64"},
+                "outputs": {"logits": "[batch, C]"}}
+        atomic_write_text(os.path.join(tmp, META), json.dumps(meta, indent=1, ensure_ascii=False))
     return meta
 
 
@@ -138,25 +133,21 @@ class Predictor:
 
     def __init__(self, model_dir: str, backend: str = "auto", threads: int | str | None = "auto", batch_size: int = 64,
                  rows_per_call: int | None = None):
-        meta_path = join(model_dir, META)
-        if not exists(meta_path):
-            raise FileNotFoundError(f"{model_dir} has no {META}: not an exported student (run `slimflow export`)")
-        self.meta = json.loads(read_bytes(meta_path).decode("utf-8"))
-        self.vocab = Vocab.load(join(model_dir, "vocab.json"))
-        self.labels: list[str] = json.loads(read_bytes(join(model_dir, "labels.json")).decode("utf-8"))
+        try:
+            loaded = _read_export(model_dir, backend)
+        except (FolderMismatch, FileNotFoundError):
+            # Read across a swap (a new export was moved in between two reads: storage/atomic_dir.py): the
+            # folder is whole again at once; a second mismatch is a real one.
+            loaded = _read_export(model_dir, backend)
+        self.meta, backend, vocab, labels, data = loaded
+        self.vocab = vocab
+        self.labels: list[str] = labels
         self.lang, self.max_len, self.batch_size = self.meta["lang"], int(self.meta["max_len"]), batch_size
-        if backend == "auto":
-            backend = _auto_backend(self.meta)
-        if backend not in FORMATS:
-            raise ValueError(f"unknown backend {backend!r}; choose auto, onnx or torchscript")
-        if FILES[backend] not in self.meta["files"]:
-            raise FileNotFoundError(f"{model_dir} has no {FILES[backend]}; export with formats including {backend}")
         self.backend = backend
         if threads == "auto":
             threads = None if self.meta["kind"] == "bilstm" else 1
         self.threads = threads
         self.rows_per_call = rows_per_call or (batch_size if self.meta["kind"] == "bow" else 8)
-        data = read_bytes(join(model_dir, FILES[backend]))
         if backend == "onnx":
             import onnxruntime as ort
 
@@ -225,6 +216,40 @@ class Predictor:
         probs = self.predict_proba(texts)
         best = probs.argmax(-1)
         return [(self.labels[k], float(probs[i, k])) for i, k in enumerate(best)]
+
+
+def _read_export(model_dir: str, backend: str) -> tuple[dict, str, Vocab, list[str], bytes]:
+    """(student.json, backend, vocab, labels, model bytes) of an export directory, each file checked against the
+    sha256 student.json records (format 2 records every file; format 1 only the model files)."""
+    meta_path = join(model_dir, META)
+    if not exists(meta_path):
+        raise FileNotFoundError(f"{model_dir} has no {META}: not an exported student (run `slimflow export`)")
+    meta = json.loads(read_bytes(meta_path).decode("utf-8"))
+    if backend == "auto":
+        backend = _auto_backend(meta)
+    if backend not in FORMATS:
+        raise ValueError(f"unknown backend {backend!r}; choose auto, onnx or torchscript")
+    if FILES[backend] not in meta["files"]:
+        raise FileNotFoundError(f"{model_dir} has no {FILES[backend]}; export with formats including {backend}")
+    fix = "re-run `slimflow export CONFIG --out RUN_DIR` to write the folder again"
+
+    def read(name: str, required: bool = True) -> bytes | None:
+        path = join(model_dir, name)
+        if not required and name not in meta["files"] and not exists(path):
+            return None
+        data = read_bytes(path)
+        if meta.get("format", 1) >= 2 or name in meta["files"]:
+            check_blob(path, data, meta["files"].get(name), fix)
+        return data
+
+    vocab_json = read("vocab.json").decode("utf-8")
+    tok = read(os.path.basename(tokenizer_path("vocab.json")), required=False)
+    if tok is None and json.loads(vocab_json).get("unit") == "subword":
+        raise FileNotFoundError(f"{model_dir} has no {tokenizer_path('vocab.json')}: a subword vocabulary needs "
+                                f"its tokenizer beside it; {fix}")
+    vocab = Vocab.from_json(vocab_json, tokenizer=tok.decode("utf-8") if tok is not None else None)
+    labels = json.loads(read("labels.json").decode("utf-8"))
+    return meta, backend, vocab, labels, read(FILES[backend])
 
 
 def _auto_backend(meta: dict) -> str:

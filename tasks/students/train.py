@@ -6,7 +6,8 @@ teacher logits, with early stopping on dev accuracy and a resumable checkpoint a
     last.pt      model + optimizer + torch RNG state + epoch + history (resume point, rewritten each epoch)
     best.pt      the best dev epoch's weights + what is needed to rebuild the model (config, labels)
     vocab.json   labels.json
-    result.json  written last: its presence means the training finished (a rerun returns it as is)
+    result.json  written last: the training finished, with the sha256 of best.pt, vocab.json and labels.json
+                 (a rerun returns it as is while they match it; load_student refuses a folder that does not)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from storage.fs import atomic_write_bytes, atomic_write_text, exists, join, makedirs, read_bytes
-from storage.hashing import fingerprint, sha256_bytes
+from storage.hashing import fingerprint, sha256_bytes, sha256_file
 from storage.shards import ShardRef
 from tasks.students.data import MODES, Mode, ShardStream
 from tasks.students.evaluate import classification_metrics
@@ -186,7 +187,9 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
     result_path, last_path, best_path = (join(out_dir, n) for n in ("result.json", "last.pt", "best.pt"))
     if exists(result_path):
         done = json.loads(read_bytes(result_path).decode("utf-8"))
-        if done.get("fingerprint") == fp:
+        # Its files must still be the ones it went with: a later call for other inputs, killed midway, may have
+        # rewritten best.pt or vocab.json under it (issue 13). Then the training is redone (from last.pt).
+        if done.get("fingerprint") == fp and _files_match(out_dir, done):
             return done
 
     vocab.save(join(out_dir, "vocab.json"))
@@ -247,9 +250,25 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
               "best_epoch": best_epoch, "epochs_run": len(history),
               "stopped_early": len(history) < epochs, "checkpoint": best_path, "out_dir": out_dir,
               "params": params, "model_config": model_config, "labels": list(labels),
-              "train_rows_skipped": train.skipped, "history": history}
+              "train_rows_skipped": train.skipped, "history": history, "files": _result_files(out_dir)}
     atomic_write_text(result_path, json.dumps(result, indent=1, ensure_ascii=False))
     return result
+
+
+def _result_files(out_dir: str) -> dict[str, dict]:
+    """{name: {sha256}} of the files a finished training hands on (what load_student reads), for result.json."""
+    from tasks.students.vocab import tokenizer_path
+
+    names = ["best.pt", "vocab.json", "labels.json"]
+    if exists(tokenizer_path(join(out_dir, "vocab.json"))):
+        names.append(tokenizer_path("vocab.json"))
+    return {n: {"sha256": sha256_file(join(out_dir, n))} for n in names}
+
+
+def _files_match(out_dir: str, result: dict) -> bool:
+    files = result.get("files") or {}
+    return bool(files) and all(exists(join(out_dir, n)) and sha256_file(join(out_dir, n)) == r["sha256"]
+                               for n, r in files.items())
 
 
 def _run_epoch(model, opt, train: ShardStream, dev: ShardStream, epoch: int, params: dict, show: bool) -> dict:
@@ -289,9 +308,20 @@ def _run_epoch(model, opt, train: ShardStream, dev: ShardStream, epoch: int, par
 
 
 def load_student(train_dir: str):
-    """(model in eval mode, vocab, labels, model_config) from a ``train_student`` out_dir's best.pt."""
+    """(model in eval mode, vocab, labels, model_config) from a ``train_student`` out_dir's best.pt.
+
+    Only a finished training is loaded, and only with the files its result.json records (their sha256): a
+    best.pt and vocab.json from two different trainings are refused, naming the file."""
+    from storage.atomic_dir import check_hashes
     from tasks.students.models import student_class
 
+    result_path = join(train_dir, "result.json")
+    fix = f"re-run the training: `slimflow rerun RUN_DIR --stage train` (RUN_DIR holding {train_dir})"
+    if not exists(result_path):
+        raise FileNotFoundError(f"{train_dir} has no result.json: its training never finished; {fix}")
+    files = json.loads(read_bytes(result_path).decode("utf-8")).get("files")
+    if files:  # result.json written before issue 13 records none
+        check_hashes(train_dir, files, fix)
     state = _load(join(train_dir, "best.pt"))
     cfg = state["config"]
     model = student_class(cfg["kind"])(cfg["vocab_size"], cfg["num_classes"], embed_dim=cfg["embed_dim"],

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from storage.fs import atomic_write_bytes, atomic_write_text, join, makedirs
+from storage.atomic_dir import build_dir, file_hashes
+from storage.fs import atomic_write_bytes, atomic_write_text, join
 from storage.shards import ShardRef, read_shard, write_shard
 from tasks.students.evaluate import classification_metrics  # one scoring for teacher and students
 from tasks.teacher.infer import run_batched
@@ -204,16 +205,20 @@ def predict_head(head, x: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(x)).argmax(1).numpy()
 
 
-def _save_teacher(teacher_dir: str, meta: dict, head=None) -> dict:
-    """Write the head (if any), then ``teacher.json`` last: its presence marks the directory complete."""
-    makedirs(teacher_dir)
-    if head is not None:
-        from safetensors.torch import save as st_save
+def _save_teacher(teacher_dir: str, meta: dict, head=None, write_files=None) -> dict:
+    """Build the teacher folder beside ``teacher_dir`` and swap it in whole (storage/atomic_dir.py, issue 13):
+    the head (if any), what ``write_files(folder)`` writes (a fine-tuned encoder), then ``teacher.json`` last,
+    with every file's sha256 under ``files``. A kill midway leaves the previous teacher as it was."""
+    with build_dir(teacher_dir) as tmp:
+        if head is not None:
+            from safetensors.torch import save as st_save
 
-        blob = st_save({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-        atomic_write_bytes(join(teacher_dir, HEAD_FILE), blob)
-    meta = {"format": FORMAT, **meta}
-    atomic_write_text(join(teacher_dir, TEACHER_JSON), json.dumps(meta, indent=1, ensure_ascii=False))
+            blob = st_save({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+            atomic_write_bytes(join(tmp, HEAD_FILE), blob)
+        if write_files is not None:
+            write_files(tmp)
+        meta = {"format": FORMAT, **meta, "files": file_hashes(tmp, exclude=(TEACHER_JSON,))}
+        atomic_write_text(join(tmp, TEACHER_JSON), json.dumps(meta, indent=1, ensure_ascii=False))
     return meta
 
 
@@ -360,10 +365,11 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
         metrics["test"] = classification_metrics(yt, run_batched(
             test_texts, t.encode, t.logits, len(labels), batch_tokens=batch_tokens, device=t.device,
             pad_id=t.pad_id).argmax(1), len(labels))
-    makedirs(teacher_dir)
-    enc_dir = join(teacher_dir, ENCODER_DIR)
-    t.model.save_pretrained(enc_dir, safe_serialization=True)
-    t.tokenizer.save_pretrained(enc_dir)
+    def write_encoder(folder: str) -> None:
+        enc_dir = join(folder, ENCODER_DIR)
+        t.model.save_pretrained(enc_dir, safe_serialization=True)
+        t.tokenizer.save_pretrained(enc_dir)
+
     meta = {
         "kind": "finetune", "name": f"{base.name}+finetune", "base_model": base.ref,
         "base_hash": base.source_hash, "labels": labels, "head": "linear",
@@ -374,7 +380,7 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
         "params": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience},
         "fit_seconds": round(time.perf_counter() - t0, 3),
     }
-    return _save_teacher(teacher_dir, meta, t.head)
+    return _save_teacher(teacher_dir, meta, t.head, write_files=write_encoder)
 
 
 # ----------------------------------------------------------------------------------------------- fit: none

@@ -83,3 +83,82 @@ def test_missing_or_partial_export_dir_raises(tmp_path, exported):
         Predictor(str(tmp_path))
     with pytest.raises(ValueError, match="unknown export format"):
         export_student(exported["bow"][0], str(tmp_path / "x"), lang="zh", formats=["tflite"])
+
+
+def _snapshot(folder) -> dict:
+    import os
+
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def test_export_records_every_file_and_the_predictor_refuses_a_tampered_one(tmp_path, exported):
+    import shutil
+
+    from storage.atomic_dir import FolderMismatch
+    from storage.hashing import sha256_file
+
+    export_dir = tmp_path / "bow"
+    shutil.copytree(exported["bow"][1], export_dir)
+    meta = json.loads((export_dir / "student.json").read_text())
+    assert meta["format"] == 2
+    assert set(meta["files"]) == {"model.onnx", "model.ts", "vocab.json", "labels.json"}
+    assert all(sha256_file(str(export_dir / n)) == r["sha256"] for n, r in meta["files"].items())
+    Predictor(str(export_dir))  # whole: loads
+    for name, backend in (("vocab.json", "onnx"), ("labels.json", "onnx"), ("model.onnx", "onnx"),
+                          ("model.ts", "torchscript")):
+        good = (export_dir / name).read_bytes()
+        (export_dir / name).write_bytes(good.replace(b"]", b", \"x\"]", 1) if name.endswith(".json") else good[:-9])
+        with pytest.raises(FolderMismatch, match="slimflow export") as e:
+            Predictor(str(export_dir), backend=backend)
+        assert str(export_dir / name) in str(e.value)  # names the file
+        (export_dir / name).write_bytes(good)
+    Predictor(str(export_dir), backend="onnx")  # ...and loads again once it is whole
+
+
+def test_a_killed_export_leaves_the_previous_folder_whole_and_the_rerun_redoes_it(tmp_path, exported, monkeypatch):
+    import os
+    import shutil
+
+    import tasks.students.export as ex
+    from storage.atomic_dir import sweep
+
+    train_dir = exported["cnn"][0]
+    export_dir = tmp_path / "export" / "cnn"
+    export_student(train_dir, str(export_dir), lang="zh")
+    before = _snapshot(export_dir)
+    texts = ["很好", "太差了"]
+    want = Predictor(str(export_dir)).predict_proba(texts)
+
+    # 1. the export fails after model.onnx is written (an exception standing in for a kill): nothing changes
+    def boom(model, path):
+        assert os.path.exists(os.path.join(os.path.dirname(path), "model.onnx"))  # some files are written
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(ex, "export_torchscript", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        export_student(train_dir, str(export_dir), lang="en")
+    monkeypatch.undo()
+    assert _snapshot(export_dir) == before and os.listdir(tmp_path / "export") == ["cnn"]
+
+    # 2. what a SIGKILL leaves: a half-built folder beside it (a new model.onnx, no student.json)
+    partial = tmp_path / "export" / "cnn.incomplete-dead"
+    partial.mkdir()
+    (partial / "model.onnx").write_bytes(b"half")
+    assert _snapshot(export_dir) == before  # the reader never looks there
+    np.testing.assert_allclose(Predictor(str(export_dir)).predict_proba(texts), want, atol=1e-6)
+
+    # 3. the rerun (another lang: a different student.json) cleans it up and swaps its own folder in whole
+    meta = export_student(train_dir, str(export_dir), lang="en")
+    assert os.listdir(tmp_path / "export") == ["cnn"]
+    after = _snapshot(export_dir)
+    assert json.loads(after["student.json"])["lang"] == "en" and after["model.onnx"] != b"half"
+    assert meta["lang"] == "en"
+    np.testing.assert_allclose(Predictor(str(export_dir)).predict_proba(texts), want, atol=1e-6)
+
+    # 4. killed between the swap's two renames: the old folder moved aside, the new one not yet in place
+    os.rename(export_dir, tmp_path / "export" / "cnn.old-dead")
+    shutil.copytree(tmp_path / "export" / "cnn.old-dead", tmp_path / "export" / "cnn.incomplete-done")
+    sweep(str(export_dir))  # what the next build does first: the previous folder is put back as it was
+    assert os.listdir(tmp_path / "export") == ["cnn"] and _snapshot(export_dir) == after
+    export_student(train_dir, str(export_dir), lang="zh")
+    assert os.listdir(tmp_path / "export") == ["cnn"] and _snapshot(export_dir).keys() == before.keys()

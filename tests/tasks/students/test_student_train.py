@@ -128,3 +128,34 @@ def test_bad_arguments_raise_before_work(data, tmp_path):
     with pytest.raises(ValueError, match="needs train and dev"):
         train_student(data[0], kind="bow", mode="baseline", train_refs=data[1], dev_refs=[], vocab=data[3],
                       labels=LABELS, out_dir=str(tmp_path / "x"))
+
+
+def test_a_result_is_trusted_only_with_the_files_it_went_with(data, tmp_path):
+    from storage.atomic_dir import FolderMismatch
+
+    out = tmp_path / "s"
+    kw = {"kind": "bow", "mode": "baseline", "epochs": 2, "dropout": 0.0}
+    first = _train(data, out, **kw)
+    assert set(first["files"]) == {"best.pt", "vocab.json", "labels.json"}
+    best = (out / "best.pt").read_bytes()
+    # A later training for other params, killed after its first epoch: its best.pt now lies under the first
+    # training's result.json (same folder, as the train stage names it by kind and mode).
+    with pytest.raises(Interrupt):
+        def stop(entry):
+            raise Interrupt
+        _train(data, out, seed=9, on_epoch_end=stop, **kw)
+    assert (out / "best.pt").read_bytes() != best
+    with pytest.raises(FolderMismatch, match="best.pt does not match") as e:
+        load_student(str(out))  # never a mismatched pair
+    assert str(out / "best.pt") in str(e.value) and "slimflow rerun" in str(e.value)
+    # the first training asked again: its result.json is not returned as is, the training is redone to the
+    # same weights (it resumes from nothing it can trust: last.pt is the other training's)
+    again = _train(data, out, **kw)
+    assert (out / "best.pt").read_bytes() == best and again["files"] == first["files"]
+    load_student(str(out))
+    (out / "vocab.json").write_text((out / "vocab.json").read_text().replace("]", ', "x"]', 1))
+    with pytest.raises(FolderMismatch, match="vocab.json does not match"):
+        load_student(str(out))
+    (out / "result.json").unlink()
+    with pytest.raises(FileNotFoundError, match="never finished"):
+        load_student(str(out))

@@ -135,3 +135,51 @@ def test_finetune_keeps_best_and_saves(tmp_path, tiny_model_dir):
     assert (tmp_path / "teacher" / "encoder" / "model.safetensors").is_file()
     out = label_shard(str(tmp_path), dv, "original", tdir, "label/dev", device="cpu", dtype="fp32")
     assert out.rows == 16
+
+
+def _tree(folder) -> dict:
+    from pathlib import Path
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_teacher_save_killed_midway_leaves_the_previous_teacher_whole(tmp_path, tiny_model_dir, monkeypatch):
+    import os
+
+    import tasks.teacher.fit as fit
+    from storage.hashing import sha256_file
+
+    texts = [f"the {w} movie" for w in ["good", "bad"] * 16]
+    labels = ["pos", "neg"] * 16
+    tr = write_segment(tmp_path, texts[:24], labels=labels[:24])
+    dv = write_segment(tmp_path, texts[24:], split="dev", labels=labels[24:], rel="segment/dev")
+    tdir = tmp_path / "teacher" / "model"
+    kw = dict(labels=LABELS, model=tiny_model_dir, epochs=1, lr=1e-3, batch_size=8, device="cpu", dtype="fp32")
+    meta = finetune_teacher(str(tmp_path), [tr], [dv], str(tdir), seed=0, **kw)
+    # teacher.json, written last, records every file of the folder: the encoder's and the head
+    assert "encoder/model.safetensors" in meta["files"] and "head.safetensors" in meta["files"]
+    assert all(sha256_file(str(tdir / n)) == r["sha256"] for n, r in meta["files"].items())
+    assert set(meta["files"]) == set(_tree(tdir)) - {"teacher.json"}
+    before = _tree(tdir)
+
+    # killed after the new encoder and head are written, before teacher.json (an exception stands in for it)
+    def killed(folder, exclude=()):
+        assert os.path.isfile(os.path.join(folder, "encoder", "model.safetensors"))
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(fit, "file_hashes", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune_teacher(str(tmp_path), [tr], [dv], str(tdir), seed=1, **kw)
+    monkeypatch.undo()
+    assert _tree(tdir) == before and os.listdir(tdir.parent) == ["model"]
+
+    # what a SIGKILL at that point leaves: a half-built folder beside it; the rerun removes it and swaps in whole
+    partial = tdir.parent / "model.incomplete-dead" / "encoder"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"half")
+    assert load_teacher(str(tdir), device="cpu", dtype="fp32", reuse=False).weights_hash == meta["weights_hash"]
+    again = finetune_teacher(str(tmp_path), [tr], [dv], str(tdir), seed=1, **kw)
+    assert os.listdir(tdir.parent) == ["model"]
+    assert json.loads((tdir / "teacher.json").read_text())["weights_hash"] == again["weights_hash"]
+    assert all(sha256_file(str(tdir / n)) == r["sha256"] for n, r in again["files"].items())
+    assert label_shard(str(tmp_path), dv, "original", str(tdir), "label/dev", device="cpu", dtype="fp32").rows == 8
