@@ -54,7 +54,7 @@ from tasks.prefect_tasks import (
     vectors_task,
     vocab_task,
 )
-from tasks.teacher.label import assign_devices
+from tasks.teacher.label import assign_devices, label_precision
 
 PIPELINE = STAGES  # the stages in the order they run (defined once, in storage/layout.py)
 
@@ -243,8 +243,14 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     named = [dataclasses.replace(r, split=kind) for kind, r in inputs]
     plan = assign_devices(named, teacher_devices(config.teacher.device))
     device = {ref.shard_id: d for d, refs in plan.items() for ref in refs}
+    # The dtype each device labels in, resolved before the tasks (auto: the GEMM probe, cached per machine) so the
+    # dtype actually used keys every label task and is recorded with the labels (issue 16). The flow's process
+    # sees the devices the tasks use, as teacher_devices already assumes.
+    precision = {d: label_precision(layout.path("teacher", "model"), device=d, dtype=t["dtype"], threads=t["threads"],
+                                    cache_dir=t["cache_dir"], trust_remote_code=t["trust_remote_code"]) for d in plan}
     calls = [dict(run_dir=out, shard=n.shard_id, ref=r.to_dict(), kind=kind,
-                  teacher={**t, "device": device[n.shard_id]}, weights_hash=weights)
+                  teacher={**t, "device": device[n.shard_id], "dtype": precision[device[n.shard_id]]["dtype"]},
+                  weights_hash=weights)
              for i, ((kind, r), n) in enumerate(zip(inputs, named, strict=True)) if i not in found]
     with gpu_tasks(config.runner):
         asked = iter(_refs(run_tasks(label_task, calls, out, result, "label", progress_key="slimflow-label-progress")))
@@ -255,12 +261,13 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 
     release_teachers()
     version = code_version(*LABEL_CODE)
-    params = {k: t[k] for k in ("batch_tokens", "dtype", "device")}
+    params = {k: t[k] for k in ("batch_tokens", "dtype", "device")} | {
+        "dtype_used": {d: p["dtype"] for d, p in precision.items()}}
     commit_manifest(layout.stage_dir("label"),
                     Manifest("label", fingerprint("label", seg.fingerprint, aug.fingerprint, teacher.fingerprint,
                                                   params, version), params, version, refs,
                              extra={"teacher": teacher.extra["teacher"]["name"], "weights_hash": weights,
-                                    "labels": teacher.extra["labels"]}))
+                                    "labels": teacher.extra["labels"], "precision": precision}))
     result.rows = {kind: sum(r.rows for r in refs if r.split == kind) for kind in ("original", "augmented",
                                                                                   "unlabelled")}
     return result.to_dict()

@@ -3,9 +3,10 @@
 ``label_shard`` is a plain function over one input shard; the flow maps it over shards (Prefect caches it
 per shard). Output rows follow ``storage.schema.LABELLED``, in input order, every input row exactly once.
 
-Several GPUs: run one labelling worker per device, each loading the teacher once and labelling its own
-shards. ``assign_devices`` deals shards round-robin (in a stable order, so a rerun keeps the assignment);
-e.g. one Prefect task run per (device, shard list), or one process per device with ``device="cuda:N"``.
+Several GPUs: one labelling worker per device, each with its own resident teacher (loaded once, kept between
+shards; ``tasks.teacher.model.cached_teacher`` keeps one per device) labelling its own shards, one at a time per
+device (``slot_lock``). ``assign_devices`` deals shards round-robin (in a stable order, so a rerun keeps the
+assignment); the label stage runs one Prefect task per shard with the shard's device, as many at once as devices.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import pyarrow as pa
 from storage.schema import AUGMENT, LABELLED, SEGMENT
 from storage.shards import ShardRef, read_shard, write_shard
 from tasks.teacher.infer import BATCH_RETRIES, RETRY_DELAY_S, BatchStats, FailHook, OomHook, run_batched
-from tasks.teacher.model import Teacher, TeacherError, load_teacher
+from tasks.teacher.model import (
+    Teacher,
+    TeacherError,
+    load_teacher,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+    slot_lock,
+    teacher_shape,
+)
 
 KINDS = ("original", "augmented", "unlabelled")
 
@@ -104,21 +114,32 @@ def label_shard(run_dir: str, in_ref: ShardRef, kind: str, teacher_dir: str, out
     reads ``storage.schema.AUGMENT`` rows (``text_t``, mask placeholders included). The output shard keeps
     the input's split and index (so use one ``out_rel_dir`` per kind, e.g. ``label/augmented``) and
     records the input shard's hash and the teacher's weights hash as its inputs. The teacher stays loaded
-    between calls in one process. ``oom`` forces out-of-memory errors (tests); ``on_stats`` receives the
-    batching figures (rows, forward passes, padding waste, OOM splits, retries, seconds). A failed batch is
-    retried ``retries`` times with backoff from ``retry_delay`` s before the error propagates; ``fail`` forces
-    transient failures (tests).
+    between calls in one process, one per device (``tasks.teacher.model.cached_teacher``). ``oom`` forces
+    out-of-memory errors (tests); ``on_stats`` receives the batching figures (rows, forward passes, padding
+    waste, OOM splits, retries, seconds). A failed batch is retried ``retries`` times with backoff from
+    ``retry_delay`` s before the error propagates; ``fail`` forces transient failures (tests).
     """
-    teacher = load_teacher(teacher_dir, device=device, dtype=dtype, threads=threads, max_length=max_length,
-                           cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     table = read_shard(run_dir, in_ref)
     stats = BatchStats()
-    out = label_table(teacher, table, kind, batch_tokens=batch_tokens, oom=oom, stats=stats, fail=fail,
-                      retries=retries, retry_delay=retry_delay)
+    with slot_lock(device):  # one labelling worker per device at a time, on that device's resident teacher
+        teacher = load_teacher(teacher_dir, device=device, dtype=dtype, threads=threads, max_length=max_length,
+                               cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+        out = label_table(teacher, table, kind, batch_tokens=batch_tokens, oom=oom, stats=stats, fail=fail,
+                          retries=retries, retry_delay=retry_delay)
     if on_stats is not None:
         on_stats(stats)
     return write_shard(out, run_dir, out_rel_dir, in_ref.split, in_ref.index, LABELLED,
                        inputs=(in_ref.sha256, teacher.weights_hash))
+
+
+def label_precision(teacher_dir: str, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                    cache_dir: str | None = None, trust_remote_code: bool = False) -> dict:
+    """What labelling on ``device`` runs in (``resolve_precision``'s record: the dtype and, for auto, the GFLOP/s
+    measured), from the teacher's config alone. The label stage resolves it before its tasks, so the dtype
+    actually used keys the label cache and goes into the label manifest."""
+    set_threads(threads)  # the probe's figures hold for this thread count
+    return resolve_precision(dtype, resolve_device(device), teacher_shape(teacher_dir, cache_dir, trust_remote_code),
+                             cache_dir)
 
 
 def available_devices(device: str = "auto") -> list[str]:

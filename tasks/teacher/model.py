@@ -31,7 +31,7 @@ TEACHER_JSON = "teacher.json"  # written last into a teacher directory: its pres
 HEAD_FILE = "head.safetensors"
 ENCODER_DIR = "encoder"  # fit: finetune saves its encoder (and tokenizer) here
 FORMAT = 1
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 # Which tokens of a text longer than max_length the teacher reads (teacher.truncation). head_tail keeps the
 # first quarter of the budget and the last three quarters: Sun et al. 2019 ("How to fine-tune BERT for text
 # classification", table 3) found head 128 + tail 382 of 512 the best on long IMDb / Sogou documents.
@@ -69,28 +69,46 @@ def resolve_device(device: str = "auto"):
     return dev
 
 
-def cpu_has_fast_bf16() -> bool:
-    # AMX tiles run bf16 GEMMs ~3-4x faster than fp32. AVX512-BF16 alone does not: on this project's CI CPU
-    # (Sapphire Rapids under KVM, AMX hidden) bf16 GEMMs ran at ~145 GFLOP/s against ~260 for fp32
-    # (bench/label.py measures both), so "auto" keeps fp32 there.
+FLOAT_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _torch_float(name: str):
     import torch
 
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx and amx())
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def resolve_dtype(dtype: str, device) -> Any:
-    """``auto``: bf16 on CUDA with bf16 support, fp16 on older CUDA, bf16 on CPUs with AMX, else fp32."""
-    import torch
+def resolve_precision(dtype: str, device, shape=None, cache_dir: str | None = None) -> dict:
+    """What the teacher runs in on ``device``, with the reason: ``{"requested", "dtype", "device", ...}``.
 
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype in table:
-        return table[dtype]
-    if dtype != "auto":
+    ``auto``: the fastest of fp32 / bf16 (fp16 too on GPUs) measured at the teacher's GEMM ``shape``
+    (``tasks.teacher.precision.probe``, cached per machine; e5-small's shape when None). ``int8``: CPU only, the
+    fastest int8 path measured (``tasks.teacher.int8.plan``), refused when none beats fp32 here. The record goes
+    into teacher.json and the label manifest.
+    """
+    if dtype not in DTYPES:
         raise TeacherError(f"teacher.dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype in FLOAT_DTYPES:
+        return {"requested": dtype, "dtype": dtype, "device": str(device)}
+    from tasks.teacher.precision import GemmShape
+
+    shape = shape or GemmShape(384, 1536)
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise TeacherError(f"teacher.dtype int8 is a CPU path; on {device} use auto (bf16 / fp16 measured there)")
+        from tasks.teacher.int8 import plan
+
+        return plan(shape, cache_dir=cache_dir)
+    from tasks.teacher.precision import probe
+
+    return probe(shape, device, cache_dir=cache_dir)
+
+
+def resolve_dtype(dtype: str, device, shape=None, cache_dir: str | None = None) -> Any:
+    """The torch dtype of a float precision: fp32 / bf16 / fp16 as named, ``auto`` measured (``resolve_precision``)."""
+    if dtype == "int8":
+        raise TeacherError("teacher.dtype int8 has no torch float dtype: use resolve_precision")
+    return _torch_float(resolve_precision(dtype, device, shape, cache_dir)["dtype"])
 
 
 def set_threads(threads: int | None) -> None:
@@ -168,6 +186,26 @@ def base_weights_hash(base: BaseModel, module=None) -> str:
     if module is None:
         raise TeacherError(f"cannot hash the weights of {base.ref!r} without loading it")
     return state_hash(module)
+
+
+def model_shape(path: str, trust_remote_code: bool = False):
+    """The precision probe's GEMM shape of a model directory or hub id, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    from tasks.teacher.precision import gemm_shape
+
+    try:
+        return gemm_shape(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"cannot read the model config of {path!r}: {e}") from e
+
+
+def teacher_shape(teacher_dir: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """The GEMM shape of a fitted teacher directory (its encoder's or checkpoint's config), without loading it."""
+    meta = read_teacher_json(teacher_dir)
+    if meta["kind"] == "finetune":
+        return model_shape(join(teacher_dir, ENCODER_DIR), trust_remote_code)
+    return model_shape(resolve_base(meta["base_model"], cache_dir).path, trust_remote_code)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -253,6 +291,7 @@ class Teacher:
     device: Any = None
     dtype: Any = None
     autocast: bool = False  # True: fp32 weights under torch.autocast; False: weights cast to dtype
+    precision: dict = field(default_factory=dict)  # what it runs in and why (resolve_precision's record)
     weights_hash: str = ""
     info: dict = field(default_factory=dict)
     # HF fast tokenizers raise "Already borrowed" when two threads re-set truncation at once (two label
@@ -383,22 +422,37 @@ def head_tail(ids: list[int], budget: int, prefix: list[int] = ()) -> list[int]:
     return list(ids[: keep + head]) + (list(ids[len(ids) - tail :]) if tail else [])
 
 
-def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autocast: bool | None) -> Teacher:
+def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autocast: bool | None,
+           cache_dir: str | None = None) -> Teacher:
     import torch
 
-    set_threads(threads)
+    from tasks.teacher.precision import gemm_shape
+
+    set_threads(threads)  # before the probe: its figures hold for this thread count
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    cfg = getattr(teacher.model, "config", None)
+    rec = resolve_precision(dtype, dev, gemm_shape(cfg) if cfg is not None else None, cache_dir)
     # Inference casts the weights once: on this project's CPU, autocast (fp32 weights re-cast every batch,
     # fp32 elementwise ops) ran ~2x slower than bf16 weights. Training (finetune) asks for autocast.
     use_autocast = bool(autocast)
     model = teacher.model.to(dev).eval()
-    if dt != torch.float32 and not use_autocast:
-        model = model.to(dt)
+    if rec["dtype"] == "int8":
+        if use_autocast:
+            raise TeacherError("teacher.dtype int8 labels with a trained teacher; it cannot train one: fine-tune "
+                               "with dtype auto, fp32 or bf16")
+        from tasks.teacher.int8 import quantize_linears
+
+        model, dt = quantize_linears(model.float(), rec["path"]), torch.qint8
+    else:
+        dt = _torch_float(rec["dtype"])
+        if dt != torch.float32 and not use_autocast:
+            model = model.to(dt)
     teacher.model = model
     if teacher.head is not None:
         teacher.head = teacher.head.to(dev).float().eval()  # tiny: always fp32
-    teacher.device, teacher.dtype, teacher.autocast = dev, dt, use_autocast and dt != torch.float32
+    teacher.device, teacher.dtype = dev, dt
+    teacher.autocast = use_autocast and dt != torch.float32
+    teacher.precision = rec
     return teacher
 
 
@@ -412,7 +466,7 @@ def load_base_teacher(model: str = "default", *, cache_dir: str | None = None, d
     t = Teacher(name=base.name, kind="encoder", labels=[], tokenizer=load_tokenizer(base.path, trust_remote_code),
                 model=enc, prefix=base.prefix, max_length=max_length, truncation=truncation,
                 weights_hash=base_weights_hash(base, enc), info={"base_model": base.ref})
-    return _place(t, device, dtype, threads, autocast)
+    return _place(t, device, dtype, threads, autocast, cache_dir)
 
 
 def read_teacher_json(teacher_dir: str) -> dict:
@@ -426,8 +480,29 @@ def read_teacher_json(teacher_dir: str) -> dict:
     return meta
 
 
-_LOADED: dict[tuple, Teacher] = {}  # resident teachers, by (dir or model, hash, device, dtype, ...)
+# Resident teachers, one per device (issue 16): labelling workers on cuda:0 and cuda:1 in one process each keep
+# their own teacher; a new key on a device replaces only that device's teacher.
+_LOADED: dict[str, tuple[tuple, Teacher]] = {}  # device slot -> (key, teacher)
+_SLOT_LOCKS: dict[str, threading.RLock] = {}
 _LOAD_LOCK = threading.RLock()
+
+
+def device_slot(device: str) -> str:
+    """The resident slot of a device setting: ``cpu`` / ``cuda:N`` as named; ``auto`` and ``cuda`` resolved."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    dev = resolve_device(device)
+    return f"cuda:{torch.cuda.current_device()}" if dev.type == "cuda" and dev.index is None else str(dev)
+
+
+def slot_lock(device: str) -> threading.RLock:
+    """The lock of a device's slot: held while a teacher loads there, and by a labelling worker for its shard, so
+    one worker at a time runs on a device (two would only fight over its cores or memory)."""
+    slot = device_slot(device)
+    with _LOAD_LOCK:
+        return _SLOT_LOCKS.setdefault(slot, threading.RLock())
 
 
 def release_teachers() -> None:
@@ -436,13 +511,16 @@ def release_teachers() -> None:
         _LOADED.clear()
 
 
-def cached_teacher(key: tuple, load) -> Teacher:
-    """One resident teacher per process: ``load()`` on a new key replaces the previous one."""
-    with _LOAD_LOCK:
-        if key not in _LOADED:
-            _LOADED.clear()
-            _LOADED[key] = load()
-        return _LOADED[key]
+def cached_teacher(key: tuple, load, device: str = "cpu") -> Teacher:
+    """The resident teacher of ``device`` for ``key``: ``load()`` on a new key replaces that device's teacher
+    (dropped first: two teachers on one GPU may not fit); other devices' teachers stay."""
+    slot = device_slot(device)
+    with slot_lock(device):
+        held = _LOADED.get(slot)
+        if held is None or held[0] != key:
+            _LOADED.pop(slot, None)
+            _LOADED[slot] = (key, load())
+        return _LOADED[slot][1]
 
 
 def load_teacher(teacher_dir: str, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
@@ -450,8 +528,9 @@ def load_teacher(teacher_dir: str, *, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, autocast: bool | None = None, reuse: bool = True) -> Teacher:
     """Load a fitted teacher directory (``teacher.json`` + weights). Reused across calls in one process.
 
-    Labelling calls this once per shard; ``reuse`` keeps the model resident so only the first call pays
-    the load (~2 s for e5-small). ``release_teachers`` frees it. ``max_length`` and ``truncation`` default to
+    Labelling calls this once per shard; ``reuse`` keeps the model resident (one per device, see
+    ``cached_teacher``) so only a device's first call pays the load (~2 s for e5-small). ``release_teachers``
+    frees them. ``max_length`` and ``truncation`` default to
     what teacher.json records (the settings the teacher was fitted with).
     """
     meta = read_teacher_json(teacher_dir)
@@ -461,7 +540,8 @@ def load_teacher(teacher_dir: str, *, device: str = "auto", dtype: str = "auto",
     if reuse:
         set_threads(threads)
         return cached_teacher(key, lambda: _load_teacher(teacher_dir, meta, device, dtype, threads, max_length,
-                                                         truncation, cache_dir, trust_remote_code, autocast))
+                                                         truncation, cache_dir, trust_remote_code, autocast),
+                              device)
     return _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, truncation, cache_dir,
                          trust_remote_code, autocast)
 
@@ -496,4 +576,4 @@ def _load_teacher(teacher_dir, meta, device, dtype, threads, max_length, truncat
                     weights_hash=meta["weights_hash"], info=meta)
     else:
         raise TeacherError(f"{teacher_dir}/{TEACHER_JSON}: unknown kind {kind!r}")
-    return _place(t, device, dtype, threads, autocast)
+    return _place(t, device, dtype, threads, autocast, cache_dir)

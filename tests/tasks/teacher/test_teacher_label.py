@@ -11,7 +11,7 @@ from storage.schema import LABELLED, MASK_PLACEHOLDER
 from storage.shards import ShardRef, read_shard
 from tasks.teacher.fit import adopt_pretrained
 from tasks.teacher.label import assign_devices, label_shard
-from tasks.teacher.model import load_teacher, resolve_dtype
+from tasks.teacher.model import load_teacher
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +115,32 @@ def test_wrong_kind_is_a_clear_error(tmp_path, teacher_dir):
         label_shard(str(tmp_path), ref, "augmented", teacher_dir, "label/x", device="cpu")
 
 
-def test_resolve_dtype_cpu(monkeypatch):
+def test_resident_teachers_one_per_device_are_not_reloaded_between_shards(tmp_path, teacher_dir, monkeypatch):
+    """Two labelling "devices" (CPU standing in for cuda:0 and cuda:1, as assign_devices plans them) take shards
+    in turn: each keeps its own teacher, so each loads once however the shards interleave (issue 16)."""
     from tasks.teacher import model
 
-    cpu = torch.device("cpu")
-    assert resolve_dtype("fp32", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
-    monkeypatch.setattr(model, "cpu_has_fast_bf16", lambda: True)  # AMX: bf16 GEMMs beat fp32
-    assert resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(model, "cpu_has_fast_bf16", lambda: False)
-    assert resolve_dtype("auto", cpu) == torch.float32
-    with pytest.raises(ValueError, match="dtype"):
-        resolve_dtype("int4", cpu)
+    real_resolve, real_load = model.resolve_device, model._load_teacher
+    monkeypatch.setattr(model, "resolve_device", lambda d: torch.device("cpu") if d.startswith("cuda") else
+                        real_resolve(d))
+    loads = []
+    monkeypatch.setattr(model, "_load_teacher", lambda *a: loads.append(a[2]) or real_load(*a))
+    model.release_teachers()
+    refs = [write_segment(tmp_path, random_texts(10, seed=i), index=i) for i in range(6)]
+    plan = assign_devices(refs, ["cuda:0", "cuda:1"])
+    order = [(d, r) for pair in zip(plan["cuda:0"], plan["cuda:1"], strict=True) for d, r in zip(("cuda:0", "cuda:1"),
+                                                                                                  pair, strict=True)]
+    outs = [label_shard(str(tmp_path), r, "original", teacher_dir, f"label/{d[-1]}", device=d, dtype="fp32")
+            for d, r in order]
+    assert sorted(loads) == ["cuda:0", "cuda:1"]  # one load per device, none between shards
+    assert [o.rows for o in outs] == [10] * 6
+    a = model.load_teacher(teacher_dir, device="cuda:0", dtype="fp32")
+    assert a is not model.load_teacher(teacher_dir, device="cuda:1", dtype="fp32") and len(loads) == 2
+    # a new setting on one device replaces that device's teacher only
+    model.load_teacher(teacher_dir, device="cuda:1", dtype="bf16")
+    assert loads == ["cuda:0", "cuda:1", "cuda:1"] and model.load_teacher(teacher_dir, device="cuda:0",
+                                                                          dtype="fp32") is a
+    model.release_teachers()
 
 
 def test_assign_devices_round_robin():

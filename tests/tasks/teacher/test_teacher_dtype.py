@@ -1,0 +1,153 @@
+"""The teacher's precision (issue 16): auto measured by a GEMM probe, cached per machine; int8 on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from teacher_fixtures import random_texts, write_segment
+
+from storage.shards import read_shard
+from tasks.teacher import int8, precision
+from tasks.teacher.label import label_precision, label_shard
+from tasks.teacher.model import TeacherError, load_teacher, resolve_dtype, resolve_precision
+from tasks.teacher.precision import GemmShape, probe
+
+SHAPE = GemmShape(hidden=32, ffn=64, tokens=16)
+
+
+class FakeClock:
+    """A clock that only the injected matmul moves: each GEMM costs what ``cost`` says for its dtype."""
+
+    def __init__(self, cost: dict):
+        self.now, self.cost, self.calls = 0.0, cost, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def matmul(self, x, w):
+        self.calls += 1
+        self.now += self.cost[x.dtype]
+        return torch.nn.functional.linear(x, w)
+
+
+@pytest.mark.parametrize("slow, expect", [(torch.bfloat16, "fp32"), (torch.float32, "bf16")])
+def test_probe_picks_the_faster_dtype_when_one_is_made_slow(tmp_path, slow, expect):
+    clock = FakeClock({torch.float32: 1e-3, torch.bfloat16: 1e-3})
+    clock.cost[slow] = 50e-3
+    rec = probe(SHAPE, torch.device("cpu"), cache_dir=str(tmp_path), matmul=clock.matmul, clock=clock)
+    assert rec["dtype"] == expect and rec["requested"] == "auto" and not rec["cached"]
+    # GFLOP/s as timed: both FFN matmuls per call, 2 FLOPs per multiply-add
+    fast = min(clock.cost.values())
+    assert rec["gflops"][expect] == pytest.approx(SHAPE.flops / (2 * fast) / 1e9, rel=1e-3)
+    assert rec["gflops"]["fp32" if expect == "bf16" else "bf16"] < rec["gflops"][expect] / 10
+    # cached per machine: the second probe measures nothing and says so
+    calls = clock.calls
+    again = probe(SHAPE, torch.device("cpu"), cache_dir=str(tmp_path), matmul=clock.matmul, clock=clock)
+    assert clock.calls == calls and again["cached"] and again["dtype"] == expect
+    (entry,) = json.loads((tmp_path / precision.CACHE_FILE).read_text()).values()
+    assert entry["machine"]["cpu"] == precision.cpu_model() and entry["machine"]["shape"] == SHAPE.as_list()
+
+
+def test_a_lower_precision_must_beat_fp32_by_the_margin():
+    assert precision.choose({"fp32": 100.0, "bf16": 105.0}) == "fp32"  # within timing noise: keep fp32
+    assert precision.choose({"fp32": 100.0, "bf16": 120.0}) == "bf16"
+    assert precision.choose({"fp32": 100.0, "bf16": 90.0, "fp16": 300.0}) == "fp16"
+
+
+def test_a_damaged_cache_is_measured_again(tmp_path):
+    (tmp_path / precision.CACHE_FILE).write_text("{not json")
+    clock = FakeClock({torch.float32: 1e-3, torch.bfloat16: 5e-3})
+    rec = probe(SHAPE, torch.device("cpu"), cache_dir=str(tmp_path), matmul=clock.matmul, clock=clock)
+    assert rec["dtype"] == "fp32" and not rec["cached"]
+    assert len(json.loads((tmp_path / precision.CACHE_FILE).read_text())) == 1
+
+
+def test_explicit_dtypes_and_errors():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("fp32", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_precision("bf16", cpu) == {"requested": "bf16", "dtype": "bf16", "device": "cpu"}
+    with pytest.raises(TeacherError, match="dtype 'int4' is not one of auto, fp32, bf16, fp16, int8"):
+        resolve_precision("int4", cpu)
+    with pytest.raises(TeacherError, match="int8 is a CPU path"):
+        resolve_precision("int8", torch.device("cuda:0"))
+
+
+def test_auto_load_records_what_it_measured(tmp_path, fitted_dir):
+    t = load_teacher(fitted_dir, device="cpu", dtype="auto", cache_dir=str(tmp_path), reuse=False)
+    rec = t.precision
+    assert rec["requested"] == "auto" and rec["dtype"] in ("fp32", "bf16") and set(rec["gflops"]) == {"fp32", "bf16"}
+    assert rec["shape"][1:] == [32, 64]  # the tiny BERT's own hidden and FFN widths
+    assert t.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[rec["dtype"]]
+    assert next(t.model.parameters()).dtype == t.dtype
+    # the label stage resolves the same choice from the config alone, from the cache
+    before = label_precision(fitted_dir, device="cpu", dtype="auto", cache_dir=str(tmp_path))
+    assert before["dtype"] == rec["dtype"] and before["cached"] and before["gflops"] == rec["gflops"]
+
+
+# ------------------------------------------------------------------------------------------------------ int8
+def _int8_paths() -> list[str]:
+    return [int8.TOKEN] + [f"tensor:{e}" for e in int8.ENGINES if e in torch.backends.quantized.supported_engines]
+
+
+@pytest.mark.parametrize("path", _int8_paths())
+def test_int8_logits_close_to_fp32_on_a_tiny_random_bert(tiny_model_dir, path):
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    q = int8.quantize_linears(copy.deepcopy(model), path)
+    assert type(q.classifier) is torch.nn.Linear  # the classifier stays fp32 ...
+    body = q.bert.encoder.layer[0].intermediate.dense  # ... the body is int8
+    kind = type(body).__name__ if path == int8.TOKEN else type(body).__module__
+    assert kind == "TokenInt8Linear" or kind.startswith("torch.ao.nn.quantized.dynamic")
+    ids = torch.randint(5, 23, (16, 12))
+    mask = torch.ones_like(ids)
+    mask[8:, 6:] = 0
+    with torch.inference_mode():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        got = q(input_ids=ids, attention_mask=mask).logits
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= 0.05 * scale + 1e-3
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_int8_refuses_where_no_path_beats_fp32():
+    slow = {"fp32": 50.0, "token": 1.3, "tensor:fbgemm": 40.0}
+    with pytest.raises(int8.Int8Error, match=r"no int8 path is faster than fp32.*token 1.*teacher.dtype auto"):
+        int8.plan(SHAPE, figures=slow)
+    rec = int8.plan(SHAPE, figures={**slow, "tensor:onednn": 200.0})
+    assert rec["path"] == "tensor:onednn" and rec["dtype"] == "int8" and rec["gops"]["fp32"] == 50.0
+
+
+def test_int8_labels_end_to_end(tmp_path, fitted_dir, monkeypatch):
+    # whatever this CPU measures, run the token path (the figures are injected: the path is what is under test)
+    monkeypatch.setattr(int8, "measure", lambda shape, **kw: {"fp32": 1.0, "token": 2.0})
+    texts = random_texts(40, seed=5)
+    ref = write_segment(tmp_path, texts)
+    kw = dict(device="cpu", cache_dir=str(tmp_path / "cache"))
+    a = read_shard(str(tmp_path), label_shard(str(tmp_path), ref, "original", fitted_dir, "label/a", dtype="fp32",
+                                              **kw))
+    b = read_shard(str(tmp_path), label_shard(str(tmp_path), ref, "original", fitted_dir, "label/b", dtype="int8",
+                                              **kw))
+    la, lb = np.asarray(a.column("logits").to_pylist()), np.asarray(b.column("logits").to_pylist())
+    assert np.abs(la - lb).max() <= 0.05 * np.abs(la).max() + 1e-3
+    t = load_teacher(fitted_dir, dtype="int8", **kw)
+    assert t.precision["path"] == "token" and t.dtype == torch.qint8
+    with pytest.raises(TeacherError, match="cannot train"):
+        load_teacher(fitted_dir, dtype="int8", autocast=True, reuse=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def fitted_dir(tmp_path_factory, tiny_model_dir):
+    from teacher_fixtures import LABELS
+
+    from tasks.teacher.fit import adopt_pretrained
+
+    d = str(tmp_path_factory.mktemp("teacher"))
+    adopt_pretrained(d, labels=LABELS, model=tiny_model_dir)
+    return d
