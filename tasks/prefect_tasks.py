@@ -189,16 +189,18 @@ def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list
     common = dict(labels=labels, model=teacher["model"], cache_dir=teacher["cache_dir"],
                   max_length=teacher["max_length"], truncation=teacher["truncation"],
                   trust_remote_code=teacher["trust_remote_code"])
+    precision = dict(device=teacher["device"], dtype=teacher["dtype"])  # recorded in teacher.json (issue 16)
     if teacher["fit"] == "head":
         meta = fit.fit_head(run_dir, refs["train"], refs["dev"], out, head=teacher["head"], test_refs=refs["test"],
-                            **common)
+                            **precision, **common)
     elif teacher["fit"] == "finetune":
         meta = fit.finetune_teacher(run_dir, refs["train"], refs["dev"], out, test_refs=refs["test"],
                                     epochs=teacher["epochs"], lr=teacher["lr"], device=teacher["device"],
                                     dtype=teacher["dtype"], threads=teacher["threads"],
-                                    batch_tokens=teacher["batch_tokens"], **common)
+                                    batch_tokens=teacher["batch_tokens"],
+                                    freeze_embeddings=teacher["freeze_embeddings"], **common)
     else:
-        meta = fit.adopt_pretrained(out, label_map=teacher["label_map"], **common)
+        meta = fit.adopt_pretrained(out, label_map=teacher["label_map"], **precision, **common)
         for split in ("dev", "test"):
             meta = fit.record_metrics(out, split, fit.evaluate_teacher(
                 run_dir, refs[split], out, **_teacher_kwargs(teacher)))

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +75,7 @@ def _encoder(model, cache_dir, device, dtype, threads, max_length, trust_remote_
     key = ("encoder", model, cache_dir, device, dtype, threads, max_length, truncation, trust_remote_code)
     return cached_teacher(key, lambda: load_base_teacher(
         model, cache_dir=cache_dir, device=device, dtype=dtype, threads=threads, max_length=max_length,
-        truncation=truncation, trust_remote_code=trust_remote_code))
+        truncation=truncation, trust_remote_code=trust_remote_code), device)
 
 
 def embed_texts(teacher: Teacher, texts: Sequence[str], *, batch_tokens: int = 16384) -> np.ndarray:
@@ -232,11 +233,13 @@ def _combined_hash(base_hash: str, head) -> str:
 def fit_head(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[ShardRef], teacher_dir: str, *,
              labels: Sequence[str], model: str = "default", head: str = "logreg",
              test_refs: Sequence[ShardRef] = (), cache_dir: str | None = None, max_length: int = 128,
-             truncation: str = "head", seed: int = 0, trust_remote_code: bool = False) -> dict:
+             truncation: str = "head", seed: int = 0, trust_remote_code: bool = False, device: str = "auto",
+             dtype: str = "auto") -> dict:
     """Fit a head on ``embed_shard`` outputs and save the teacher into ``teacher_dir``; returns teacher.json.
 
     ``head``: ``logreg`` (C picked on dev accuracy from ``LOGREG_CS``) or ``mlp`` (early stopping on dev).
-    Dev (and test, when given) accuracy and macro-F1 go into ``teacher.json`` under ``metrics``.
+    Dev (and test, when given) accuracy and macro-F1 go into ``teacher.json`` under ``metrics``; under
+    ``precision``, what the encoder runs in on ``device`` for ``dtype`` (auto: the GEMM probe's figures).
     """
     import torch
 
@@ -273,9 +276,17 @@ def fit_head(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[Sh
         "pooling": "mean", "max_length": max_length, "truncation": truncation,
         "weights_hash": _combined_hash(base_hash, fitted),
         "metrics": metrics, "search": search, "train_rows": int(len(x)), "seed": seed,
+        "precision": _precision(base.path, device, dtype, cache_dir, trust_remote_code),
         "fit_seconds": round(time.perf_counter() - t0, 3),
     }
     return _save_teacher(teacher_dir, meta, fitted)
+
+
+def _precision(path: str, device: str, dtype: str, cache_dir: str | None, trust_remote_code: bool) -> dict:
+    """What the teacher at ``path`` runs in on ``device`` (the per-machine probe, cached: no second measurement)."""
+    from tasks.teacher.model import model_shape, resolve_device, resolve_precision
+
+    return resolve_precision(dtype, resolve_device(device), model_shape(path, trust_remote_code), cache_dir)
 
 
 # ------------------------------------------------------------------------------------------- fine-tuning
@@ -293,13 +304,35 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
                      epochs: int = 3, lr: float = 3e-5, batch_size: int = 32, patience: int = 1,
                      device: str = "auto", dtype: str = "auto", threads: int | None = None,
                      max_length: int = 128, truncation: str = "head", batch_tokens: int = 16384,
-                     cache_dir: str | None = None, seed: int = 0, trust_remote_code: bool = False) -> dict:
+                     cache_dir: str | None = None, seed: int = 0, trust_remote_code: bool = False,
+                     freeze_embeddings: bool | None = None, length_buckets: bool = True,
+                     checkpoint_dir: str | None = None, progress: bool = True,
+                     on_epoch: Callable[[int], None] | None = None) -> dict:
     """Fine-tune encoder + linear head (mean pooling) on SEGMENT shards; keep the best dev epoch.
 
     Stops after ``patience`` epochs without a better dev accuracy. Saves the encoder and tokenizer under
-    ``teacher_dir/encoder`` (local paths only) and the head beside it. Mixed precision (autocast) on CUDA.
+    ``teacher_dir/encoder`` (local paths only) and the head beside it. What makes it practical on a CPU
+    (issue 16): the token embedding table frozen (``freeze_embeddings``; None: frozen on CPU, trained on GPUs),
+    length-bucketed batches (``length_buckets``), autocast in the measured-fastest dtype (``dtype: auto``, see
+    ``tasks.teacher.precision``), a per-step progress bar with the running loss (``progress``), and a checkpoint
+    after every epoch in ``checkpoint_dir`` (default ``<teacher_dir>.checkpoint``) that a rerun with the same
+    inputs and settings resumes from; it is removed once the teacher is saved. ``on_epoch(epoch)`` is called
+    after each epoch's checkpoint (tests stop a run there).
     """
+    import os
+    import shutil
+
     import torch
+    from tqdm import tqdm
+
+    from tasks.teacher.infer import collate
+    from tasks.teacher.train_state import (
+        bucket_batches,
+        load_checkpoint,
+        random_batches,
+        save_checkpoint,
+        trainable_state,
+    )
 
     t0 = time.perf_counter()
     labels = list(labels)
@@ -309,62 +342,104 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
     if not texts or not dev_texts:
         raise TeacherError(f"finetune needs labelled train and dev rows, got {len(texts)} train, {len(dev_texts)} dev")
     base = resolve_base(model, cache_dir)
-    # fp32 master weights; autocast supplies the low precision where the device has it
+    # fp32 master weights; autocast supplies the low precision where the probe measured it faster
     t = load_base_teacher(model, cache_dir=cache_dir, device=device, dtype=dtype, threads=threads,
                           max_length=max_length, truncation=truncation, trust_remote_code=trust_remote_code,
                           autocast=True)
     t.kind, t.labels = "finetune", labels
+    frozen = t.device.type == "cpu" if freeze_embeddings is None else freeze_embeddings
+    if frozen:
+        t.model.get_input_embeddings().weight.requires_grad_(False)
     dim = t.model.config.hidden_size
     t.head = make_head(dim, len(labels)).to(t.device)
-    params = [{"params": t.model.parameters(), "lr": lr}, {"params": t.head.parameters(), "lr": lr * 30}]
+    body = [p for p in t.model.parameters() if p.requires_grad]
+    params = [{"params": body, "lr": lr}, {"params": t.head.parameters(), "lr": lr * 30}]
     opt = torch.optim.AdamW(params, weight_decay=0.01)
     steps = epochs * -(-len(texts) // batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
                                               * max(0.0, 1 - s / steps))
+    scaler = torch.amp.GradScaler(t.device.type, enabled=t.autocast and t.dtype == torch.float16)
     ids = t.encode(texts)
+    lengths = [len(s) for s in ids]
     g = torch.Generator().manual_seed(seed)
-    best, best_state, bad, history = -1.0, None, 0, []
-    from tasks.teacher.infer import collate
+    recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience, "seed": seed,
+              "freeze_embeddings": frozen, "length_buckets": length_buckets, "max_length": max_length,
+              "truncation": truncation, "dtype": t.precision.get("dtype")}
+    fp = hashlib.sha256(json.dumps([base.ref, t.weights_hash, labels, texts, y.tolist(), dev_texts, yd.tolist(),
+                                    recipe], ensure_ascii=False).encode()).hexdigest()
+    ckpt_dir = checkpoint_dir or f"{teacher_dir}.checkpoint"
+    best, best_state, bad, history, start = -1.0, None, 0, [], 0
+    if (ck := load_checkpoint(ckpt_dir, fp)) is not None:
+        t.model.load_state_dict(ck["trainable"], strict=False)  # the frozen table is the base model's
+        t.head.load_state_dict(ck["head"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        scaler.load_state_dict(ck["scaler"])
+        g.set_state(ck["rng_data"])
+        torch.set_rng_state(ck["rng_torch"])
+        best, bad, history, start = ck["best"], ck["bad"], ck["history"], ck["epoch"]
+        best_state = (ck["trainable"], ck["head"]) if ck["best_is_last"] else ck["best_state"]
+        log.info("finetune: resuming after epoch %d from %s", start, ckpt_dir)
 
-    for epoch in range(epochs):
+    def dev_predictions(rows: list[str]) -> np.ndarray:
+        return run_batched(rows, t.encode, t.logits, len(labels), batch_tokens=batch_tokens, device=t.device,
+                           pad_id=t.pad_id).argmax(1)
+
+    for epoch in range(start, epochs):
+        if start and epoch == start and bad >= patience:
+            break  # the checkpointed run had already stopped early
         t.model.train()
         t.head.train()
-        for batch in torch.randperm(len(texts), generator=g).split(batch_size):
-            b = batch.tolist()
-            input_ids, mask = collate([ids[i] for i in b], t.pad_id)
-            input_ids, mask = input_ids.to(t.device), mask.to(t.device)
-            opt.zero_grad()
-            logits = t.logits(input_ids, mask)
-            loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y[b], device=t.device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(t.model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+        te = time.perf_counter()
+        batches = bucket_batches(lengths, batch_size, g) if length_buckets else random_batches(len(ids), batch_size, g)
+        total, seen = 0.0, 0
+        with tqdm(batches, desc=f"fine-tune epoch {epoch + 1}/{epochs}", unit="step", disable=not progress,
+                  leave=False, file=sys.stderr) as bar:
+            for b in bar:
+                input_ids, mask = collate([ids[i] for i in b], t.pad_id)
+                input_ids, mask = input_ids.to(t.device), mask.to(t.device)
+                opt.zero_grad()
+                logits = t.logits(input_ids, mask)
+                loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y[b], device=t.device))
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(body, 1.0)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                total, seen = total + float(loss.detach()) * len(b), seen + len(b)
+                bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
+        train_s = time.perf_counter() - te
         t.model.eval()
         t.head.eval()
-        pred = run_batched(dev_texts, t.encode, t.logits, len(labels), batch_tokens=batch_tokens, device=t.device,
-                           pad_id=t.pad_id).argmax(1)
-        m = classification_metrics(yd, pred, len(labels))
-        history.append({"epoch": epoch + 1, "loss": float(loss.detach()), **m})
-        log.info("finetune epoch %d: dev accuracy %.4f", epoch + 1, m["accuracy"])
-        if m["accuracy"] > best:
+        m = classification_metrics(yd, dev_predictions(dev_texts), len(labels))
+        history.append({"epoch": epoch + 1, "loss": total / max(seen, 1), "train_seconds": round(train_s, 3), **m})
+        log.info("finetune epoch %d: loss %.4f, dev accuracy %.4f, %.0f s", epoch + 1, total / max(seen, 1),
+                 m["accuracy"], train_s)
+        improved = m["accuracy"] > best
+        if improved:
             best, bad = m["accuracy"], 0
-            best_state = ({k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()},
-                          {k: v.detach().cpu().clone() for k, v in t.head.state_dict().items()})
+            best_state = (trainable_state(t.model), trainable_state(t.head, buffers=True))
         else:
             bad += 1
-            if bad >= patience:
-                break
-    t.model.load_state_dict(best_state[0])
+        save_checkpoint(ckpt_dir, {
+            "fingerprint": fp, "epoch": epoch + 1, "trainable": trainable_state(t.model),
+            "head": trainable_state(t.head, buffers=True),
+            "opt": opt.state_dict(), "sched": sched.state_dict(), "scaler": scaler.state_dict(),
+            "rng_data": g.get_state(), "rng_torch": torch.get_rng_state(), "best": best, "bad": bad,
+            "history": history, "best_is_last": improved, "best_state": None if improved else best_state})
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+        if bad >= patience:
+            break
+    unexpected = t.model.load_state_dict(best_state[0], strict=False).unexpected_keys
+    assert not unexpected, f"trainable state names no encoder parameter: {unexpected[:3]}"  # frozen ones stay
     t.head.load_state_dict(best_state[1])
-    metrics = {"dev": classification_metrics(yd, run_batched(
-        dev_texts, t.encode, t.logits, len(labels), batch_tokens=batch_tokens, device=t.device,
-        pad_id=t.pad_id).argmax(1), len(labels))}
+    metrics = {"dev": classification_metrics(yd, dev_predictions(dev_texts), len(labels))}
     if test_refs:
         test_texts, yt = _read_texts(run_dir, test_refs, labels)
-        metrics["test"] = classification_metrics(yt, run_batched(
-            test_texts, t.encode, t.logits, len(labels), batch_tokens=batch_tokens, device=t.device,
-            pad_id=t.pad_id).argmax(1), len(labels))
+        metrics["test"] = classification_metrics(yt, dev_predictions(test_texts), len(labels))
+
     def write_encoder(folder: str) -> None:
         enc_dir = join(folder, ENCODER_DIR)
         t.model.save_pretrained(enc_dir, safe_serialization=True)
@@ -377,10 +452,16 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
         "max_length": max_length, "truncation": truncation,
         "weights_hash": _combined_hash(state_hash(t.model), t.head),
         "metrics": metrics, "history": history, "train_rows": len(texts), "seed": seed,
-        "params": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience},
+        "params": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience,
+                   "freeze_embeddings": frozen, "length_buckets": length_buckets},
+        "trainable_params": sum(p.numel() for p in body) + sum(p.numel() for p in t.head.parameters()),
+        "precision": t.precision,
         "fit_seconds": round(time.perf_counter() - t0, 3),
     }
-    return _save_teacher(teacher_dir, meta, t.head, write_files=write_encoder)
+    meta = _save_teacher(teacher_dir, meta, t.head, write_files=write_encoder)
+    if os.path.isdir(ckpt_dir):
+        shutil.rmtree(ckpt_dir)  # the teacher is saved: nothing left to resume
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------- fit: none
@@ -417,7 +498,8 @@ def map_labels(task_labels: Sequence[str], model_labels: Sequence[str],
 
 def adopt_pretrained(teacher_dir: str, *, labels: Sequence[str], model: str,
                      label_map: dict[str, str] | None = None, max_length: int = 128, truncation: str = "head",
-                     cache_dir: str | None = None, trust_remote_code: bool = False) -> dict:
+                     cache_dir: str | None = None, trust_remote_code: bool = False, device: str = "auto",
+                     dtype: str = "auto") -> dict:
     """``fit: none``: use a sequence-classification checkpoint as is; record its label mapping."""
     from transformers import AutoConfig
 
@@ -439,6 +521,7 @@ def adopt_pretrained(teacher_dir: str, *, labels: Sequence[str], model: str,
         "labels": list(labels), "model_labels": model_labels, "label_index": index,
         "label_map": label_map or None, "head": None, "prefix": base.prefix, "max_length": max_length,
         "truncation": truncation, "weights_hash": weights_hash, "metrics": {},
+        "precision": _precision(base.path, device, dtype, cache_dir, trust_remote_code),
     }
     return _save_teacher(teacher_dir, meta)
 

@@ -171,7 +171,8 @@ def test_a_teacher_save_killed_midway_leaves_the_previous_teacher_whole(tmp_path
     with pytest.raises(RuntimeError, match="killed"):
         finetune_teacher(str(tmp_path), [tr], [dv], str(tdir), seed=1, **kw)
     monkeypatch.undo()
-    assert _tree(tdir) == before and os.listdir(tdir.parent) == ["model"]
+    # the killed run's last epoch checkpoint stays beside it for a rerun to resume from (issue 16)
+    assert _tree(tdir) == before and sorted(os.listdir(tdir.parent)) == ["model", "model.checkpoint"]
 
     # what a SIGKILL at that point leaves: a half-built folder beside it; the rerun removes it and swaps in whole
     partial = tdir.parent / "model.incomplete-dead" / "encoder"
@@ -183,3 +184,92 @@ def test_a_teacher_save_killed_midway_leaves_the_previous_teacher_whole(tmp_path
     assert json.loads((tdir / "teacher.json").read_text())["weights_hash"] == again["weights_hash"]
     assert all(sha256_file(str(tdir / n)) == r["sha256"] for n, r in again["files"].items())
     assert label_shard(str(tmp_path), dv, "original", str(tdir), "label/dev", device="cpu", dtype="fp32").rows == 8
+
+
+def _sentiment_rows(tmp_path, n=64, dev=16):
+    pos, neg = ["good", "great", "nice"], ["bad", "awful", "poor"]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["the", rng.choice(pos if i % 2 else neg)] + ["movie"] * int(rng.integers(1, 8)))
+             for i in range(n)]
+    labels = ["pos" if i % 2 else "neg" for i in range(n)]
+    tr = write_segment(tmp_path, texts[: n - dev], labels=labels[: n - dev])
+    dv = write_segment(tmp_path, texts[n - dev :], split="dev", labels=labels[n - dev :], rel="segment/dev")
+    return tr, dv
+
+
+def test_finetune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, tiny_model_dir):
+    """Stopped after epoch 2 of 3 (its checkpoint written), a rerun trains epoch 3 only and ends with the weights
+    of a run never stopped (issue 16); the checkpoint goes once the teacher is saved."""
+    tr, dv = _sentiment_rows(tmp_path)
+    kw = dict(labels=LABELS, model=tiny_model_dir, epochs=3, lr=1e-3, batch_size=8, patience=3, device="cpu",
+              dtype="fp32", progress=False)
+    whole = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "whole"), **kw)
+    assert not (tmp_path / "whole.checkpoint").exists()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(epoch):
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "resumed"), on_epoch=stop_after_2, **kw)
+    assert (tmp_path / "resumed.checkpoint" / "checkpoint.pt").is_file() and not (tmp_path / "resumed").exists()
+    ran = []
+    resumed = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "resumed"), on_epoch=ran.append, **kw)
+    assert ran == [3]
+    assert resumed["weights_hash"] == whole["weights_hash"]
+    strip = [{k: v for k, v in h.items() if k != "train_seconds"} for h in whole["history"]]
+    assert [{k: v for k, v in h.items() if k != "train_seconds"} for h in resumed["history"]] == strip
+    assert not (tmp_path / "resumed.checkpoint").exists()
+
+    # a checkpoint of other settings (here the learning rate) is not resumed from
+    with pytest.raises(Stop):
+        finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "other"), on_epoch=stop_after_2, **kw)
+    ran = []
+    finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "other"), on_epoch=ran.append, **{**kw, "lr": 2e-3})
+    assert ran == [1, 2, 3]
+
+
+def test_finetune_on_cpu_freezes_the_embedding_table_by_default(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    tr, dv = _sentiment_rows(tmp_path)
+    kw = dict(labels=LABELS, model=tiny_model_dir, epochs=1, lr=1e-2, batch_size=8, device="cpu", dtype="fp32",
+              progress=False)
+    base = AutoModel.from_pretrained(tiny_model_dir).embeddings.word_embeddings.weight.detach()
+    frozen = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "frozen"), **kw)
+    trained = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "trained"), freeze_embeddings=False, **kw)
+    assert frozen["params"]["freeze_embeddings"] and not trained["params"]["freeze_embeddings"]
+    assert frozen["trainable_params"] == trained["trainable_params"] - base.numel()
+    key = "embeddings.word_embeddings.weight"
+    table = {n: load_file(str(tmp_path / n / "encoder" / "model.safetensors"))[key] for n in ("frozen", "trained")}
+    assert torch_equal(table["frozen"], base) and not torch_equal(table["trained"], base)
+    assert frozen["precision"] == {"requested": "fp32", "dtype": "fp32", "device": "cpu"}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_length_buckets_pad_less_and_keep_every_row():
+    import torch
+
+    from tasks.teacher.train_state import bucket_batches, random_batches
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 120, size=1000).tolist()
+    b = bucket_batches(lengths, 32, torch.Generator().manual_seed(0))
+    r = random_batches(len(lengths), 32, torch.Generator().manual_seed(0))
+    assert sorted(i for batch in b for i in batch) == list(range(1000)) and all(len(x) <= 32 for x in b)
+
+    def waste(batches):
+        padded = sum(len(x) * max(lengths[i] for i in x) for x in batches)
+        return 1 - sum(lengths) / padded
+
+    assert waste(b) < 0.05 < 0.3 < waste(r)
+    assert b != bucket_batches(lengths, 32, torch.Generator().manual_seed(1))  # epochs differ
