@@ -21,8 +21,19 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "flags": cpu_flags(), "python": platform.python_version(),
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+
+
+def cpu_flags() -> dict:
+    """The CPU features that decide which precision is fast here (reduced-precision GEMM paths)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln for ln in f if ln.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        flags = set()
+    return {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags}
 
 
 def goal(name: str, value: float, target: float, higher_is_better: bool) -> dict:
