@@ -27,10 +27,12 @@ def test_rerun_one_label_shard_then_only_its_dependents(tmp_path):
     rep = rerun_stages(out, "label", [shard])
     by = rep["tasks"]["by_stage"]
     assert by["label"] == {"executed": 1, "cached": len(labels) - 1}
-    # the vocabularies (one per token unit) and the baselines read no label shard: cached; the distilled
-    # students read it: rerun
+    # the vocabularies (one per token unit), their teacher vectors (student.init: teacher) and the baselines
+    # read no label shard: cached; the distilled students read it: rerun
     units = {config.student.unit_of(k, config.lang) for k in config.students}
-    assert by["train"] == {"executed": len(config.students), "cached": len(units) + len(config.students)}
+    per_unit = 2 if config.student.init == "teacher" else 1
+    assert by["train"] == {"executed": len(config.students),
+                           "cached": per_unit * len(units) + len(config.students)}
     assert _hashes(out, "label") == labels  # the other shards (and this one, recomputed) keep their hashes
     assert set(by) == {"label", "train"}
 
