@@ -80,14 +80,14 @@ def cores(ids: set[int]):
 
 @contextmanager
 def teacher_service(teacher_dir: str, port: int, cwd: str, **serve_kwargs):
-    """``tasks.service.serve`` in a subprocess on loopback; yields (url, process) once /healthz answers."""
+    """``slimflow.tasks.service.serve`` in a subprocess on loopback; yields (url, process) once /healthz answers."""
     import subprocess
     import sys
 
     import httpx
 
     kw = "".join(f", {k}={v!r}" for k, v in serve_kwargs.items())
-    code = f"from tasks.service import serve; serve({teacher_dir!r}, port={port}, log_level='warning'{kw})"
+    code = f"from slimflow.tasks.service import serve; serve({teacher_dir!r}, port={port}, log_level='warning'{kw})"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:

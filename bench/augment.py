@@ -24,14 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from slimflow.storage.schema import INGEST  # noqa: E402
+from slimflow.storage.shards import read_shard, write_shard  # noqa: E402
+from slimflow.tasks.augment import AugmentParams, augment_shard, build_pos_table  # noqa: E402
+from slimflow.tasks.datasets import load_rows  # noqa: E402
+from slimflow.tasks.ingest import normalise_text, row_id  # noqa: E402
+from slimflow.tasks.segment import segment_shard  # noqa: E402
 
 from bench._common import cores, goal, print_goals, timer, write_results  # noqa: E402
-from storage.schema import INGEST  # noqa: E402
-from storage.shards import read_shard, write_shard  # noqa: E402
-from tasks.augment import AugmentParams, augment_shard, build_pos_table  # noqa: E402
-from tasks.datasets import load_rows  # noqa: E402
-from tasks.ingest import normalise_text, row_id  # noqa: E402
-from tasks.segment import segment_shard  # noqa: E402
 
 N_ROWS = 5000
 N_ITER = 10

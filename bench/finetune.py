@@ -30,9 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa  # noqa: E402
-
-from storage.schema import SEGMENT  # noqa: E402
-from storage.shards import write_shard  # noqa: E402
+from slimflow.storage.schema import SEGMENT  # noqa: E402
+from slimflow.storage.shards import write_shard  # noqa: E402
 
 FIT_HEAD_TEST_ACCURACY = 0.829  # fit: head on the quick demo's split (issue 16)
 
@@ -54,7 +53,7 @@ def write_split(run_dir: str, rows, split: str):
 
 
 def demo_rows(work: str) -> dict[str, list[tuple[str, str]]]:
-    from tasks.datasets import export_dataset
+    from slimflow.tasks.datasets import export_dataset
 
     data = os.path.join(work, "data")
     export_dataset("zh-reviews", data, labelled=2000, unlabelled=6000)  # the quick demo's split
@@ -82,10 +81,10 @@ def main() -> None:
                                ("finetune-smoke.json" if args.smoke else "finetune.json"))
 
     import torch
+    from slimflow.tasks.teacher.fit import finetune_teacher
+    from slimflow.tasks.teacher.model import set_threads
 
     from bench._common import goal, machine, print_goals
-    from tasks.teacher.fit import finetune_teacher
-    from tasks.teacher.model import set_threads
 
     set_threads(args.threads)
     work = tempfile.mkdtemp(prefix="slimflow-bench-finetune-")

@@ -33,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-
-from storage.schema import SEGMENT  # noqa: E402
-from storage.shards import read_shard, write_shard  # noqa: E402
+from slimflow.storage.schema import SEGMENT  # noqa: E402
+from slimflow.storage.shards import read_shard, write_shard  # noqa: E402
 
 GEMM = (2048, 384, 1536)  # tokens x hidden x FFN: e5-small's widest matmul at a typical batch
 
@@ -122,8 +121,8 @@ def build_pipeline_model(e5_dir: str, out_dir: str, labels) -> str:
 
 def fit_default_teacher(run_dir: str, train_rows, dev_rows, args) -> tuple[str, str, dict]:
     """(teacher dir, encoder dir, teacher.json): frozen e5 + logistic regression on ``train_rows``."""
-    from tasks.teacher.convert import convert_e5
-    from tasks.teacher.fit import embed_shard, fit_head
+    from slimflow.tasks.teacher.convert import convert_e5
+    from slimflow.tasks.teacher.fit import embed_shard, fit_head
 
     train_refs, dev_refs = write_rows(run_dir, train_rows, "train"), write_rows(run_dir, dev_rows, "dev")
     emb = {s: [embed_shard(run_dir, r, f"teacher/emb-{s}", cache_dir=args.cache_dir, device="cpu", dtype="fp32",
@@ -138,9 +137,8 @@ def fit_default_teacher(run_dir: str, train_rows, dev_rows, args) -> tuple[str, 
 def fit_smoke_teacher(run_dir: str) -> tuple[str, str, dict]:
     """A tiny random BERT used as is (fit: none): the script's plumbing, no meaningful figures."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "tasks" / "teacher"))
+    from slimflow.tasks.teacher.fit import adopt_pretrained
     from teacher_fixtures import build_seqcls_dir
-
-    from tasks.teacher.fit import adopt_pretrained
 
     model_dir = build_seqcls_dir(Path(run_dir) / "tiny-bert")
     teacher_dir = os.path.join(run_dir, "teacher")
@@ -153,9 +151,9 @@ def demo_students(work: str, dtypes: dict[str, str]) -> dict:
     students' test accuracy on each dtype's labels (same data, seeds and teacher)."""
     import shutil
 
-    from flows.config import load_config
-    from flows.demo import write_demo_config
-    from flows.pipeline import run_stages
+    from slimflow.flows.config import load_config
+    from slimflow.flows.demo import write_demo_config
+    from slimflow.flows.pipeline import run_stages
 
     base = os.path.join(work, "demo")
     config = load_config(write_demo_config(base, "quick"))
@@ -194,14 +192,14 @@ def main() -> None:
     out_path = args.out or str(Path(__file__).parent / "results" / ("label-smoke.json" if args.smoke else "label.json"))
 
     import torch
+    from slimflow.tasks.teacher import int8
+    from slimflow.tasks.teacher.infer import BatchStats
+    from slimflow.tasks.teacher.label import label_precision, label_shard
+    from slimflow.tasks.teacher.model import TeacherError, set_threads
+    from slimflow.tasks.teacher.precision import GemmShape
     from transformers import AutoConfig, AutoTokenizer, pipeline
 
     from bench._common import goal, machine, print_goals
-    from tasks.teacher import int8
-    from tasks.teacher.infer import BatchStats
-    from tasks.teacher.label import label_precision, label_shard
-    from tasks.teacher.model import TeacherError, set_threads
-    from tasks.teacher.precision import GemmShape
 
     set_threads(args.threads)
     secs_ceiling = 0.2 if args.smoke else 1.5

@@ -3,7 +3,7 @@
 Data: bundled zh reviews (2,000 labelled, fixed dev/test), augment n_iter 1 and the unlabelled rows subsampled
 to --unlabelled (default 1,000) so the bench stays under ~10 min on 2 cores. The pipeline runs up to the
 teacher stage (default teacher: e5-small frozen + logreg head); then the same BiLSTM is trained twice:
-offline (label_shard over every input shard, then train_student) and online (a `tasks.service` subprocess
+offline (label_shard over every input shard, then train_student) and online (a `slimflow.tasks.service` subprocess
 answering an OnlineLabeller while train_student runs). Goal: test accuracies within one point.
 
     .venv/bin/python bench/online.py [--out DIR] [--unlabelled N]     # writes bench/results/online.json
@@ -35,17 +35,16 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import httpx
     import yaml
-
-    from flows.config import load_config
-    from flows.pipeline import _label_inputs, run_flow
-    from storage.fs import join
-    from storage.layout import RunLayout
-    from storage.manifest import read_manifest
-    from tasks.datasets import export_dataset
-    from tasks.online import OnlineLabeller, TeacherClient
-    from tasks.students.train import evaluate_student, train_student
-    from tasks.students.vocab import build_vocab_from_shards
-    from tasks.teacher.label import label_shard
+    from slimflow.flows.config import load_config
+    from slimflow.flows.pipeline import _label_inputs, run_flow
+    from slimflow.storage.fs import join
+    from slimflow.storage.layout import RunLayout
+    from slimflow.storage.manifest import read_manifest
+    from slimflow.tasks.datasets import export_dataset
+    from slimflow.tasks.online import OnlineLabeller, TeacherClient
+    from slimflow.tasks.students.train import evaluate_student, train_student
+    from slimflow.tasks.students.vocab import build_vocab_from_shards
+    from slimflow.tasks.teacher.label import label_shard
 
     out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="bench-online-"))
     data = join(out, "data")

@@ -1,6 +1,6 @@
 """Soak: 8 concurrent clients drive the teacher service on loopback for 60 s (issue 6).
 
-The service (tasks.service in a subprocess) serves a tiny random 2-layer BERT teacher built here (the bench
+The service (slimflow.tasks.service in a subprocess) serves a tiny random 2-layer BERT teacher built here (the bench
 measures the service: batching, HTTP, memory; not e5's speed). Each client posts 1-16 random texts per
 request. Prints requests/s, p50/p99 latency, errors (goal 0) and the service's RSS after warm-up and at the
 end (goal: growth <= 10%).
@@ -41,9 +41,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
     import httpx
+    from slimflow.tasks.teacher.fit import adopt_pretrained
     from teacher_fixtures import LABELS, build_seqcls_dir, random_texts
-
-    from tasks.teacher.fit import adopt_pretrained
 
     tmp = tempfile.mkdtemp(prefix="bench-soak-")
     tdir = f"{tmp}/teacher"

@@ -43,8 +43,7 @@ KEEP = 0.97  # of the teacher's test accuracy (ERNIE Slim's LSTM kept 98.4%)
 def prepare(name: str, lang: str, work: Path) -> Path:
     """The dataset's run directory, labelled by the teacher (the pipeline up to its label stage)."""
     import yaml
-
-    from tasks.datasets import export_dataset
+    from slimflow.tasks.datasets import export_dataset
 
     run = work / name
     data = run / "data"
@@ -64,7 +63,7 @@ def prepare(name: str, lang: str, work: Path) -> Path:
 
 
 def _refs(out: Path, stage: str):
-    from storage.manifest import read_manifest
+    from slimflow.storage.manifest import read_manifest
 
     return read_manifest(str(out / stage)).shards
 
@@ -72,10 +71,9 @@ def _refs(out: Path, stage: str):
 def train_one(job: dict) -> dict:
     """One training + its test score, in a worker process (threads=1: these models are too small to split)."""
     import numpy as np
-
-    from flows.config import StudentConfig
-    from tasks.students.train import evaluate_student, train_student
-    from tasks.students.vocab import Vocab
+    from slimflow.flows.config import StudentConfig
+    from slimflow.tasks.students.train import evaluate_student, train_student
+    from slimflow.tasks.students.vocab import Vocab
 
     out = Path(job["out"])
     seg, lab = _refs(out, "segment"), _refs(out, "label")
@@ -101,11 +99,10 @@ def vocabularies(out: Path, lang: str, units, dim: int) -> dict:
     """{unit: (vocab path, vectors path)}: one vocabulary per unit and its teacher vectors, as the train stage
     builds them (train + unlabelled texts)."""
     import numpy as np
-
-    from tasks.students.static import static_vectors
-    from tasks.students.subword import tokenizer_json
-    from tasks.students.vocab import build_vocab_from_shards
-    from tasks.teacher.model import load_base_teacher, resolve_base
+    from slimflow.tasks.students.static import static_vectors
+    from slimflow.tasks.students.subword import tokenizer_json
+    from slimflow.tasks.students.vocab import build_vocab_from_shards
+    from slimflow.tasks.teacher.model import load_base_teacher, resolve_base
 
     refs = [r for r in _refs(out, "segment") if r.split in ("train", "unlabelled")]
     encoder = None
@@ -134,7 +131,7 @@ def main() -> None:
     ap.add_argument("--cnn", action="store_true", help="the CNN too")
     ap.add_argument("--workers", type=int, default=2, help="trainings side by side (one thread each)")
     args = ap.parse_args()
-    from flows.config import StudentConfig
+    from slimflow.flows.config import StudentConfig
 
     kinds = ("bow", "cnn", "bilstm") if args.cnn else ("bow", "bilstm")
     work = Path(args.work)

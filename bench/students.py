@@ -12,9 +12,9 @@ unknown tokens occur as in real serving, then filled to max_vocab so the tables 
 - en-long: English documents of 300-1,000 words, each made here by joining en-reviews of one label in order
   (a stand-in for news or long reviews; no long-document corpus ships in a PyPI package we know of).
 Students: each kind with the token unit the config picks for the language by default (StudentConfig.unit_of),
-exported with tasks.students.export and served by its Predictor (backend and threads "auto"), untrained
+exported with slimflow.tasks.students.export and served by its Predictor (backend and threads "auto"), untrained
 weights (speed does not depend on them), StudentConfig's default sizes.
-Teacher: the bundled default (multilingual-e5-small, converted once by tasks.teacher) with a 2-class head,
+Teacher: the bundled default (multilingual-e5-small, converted once by slimflow.tasks.teacher) with a 2-class head,
 through label_texts, the label stage's own path, with the config's default max_length and token budget.
 
 Timings interleave rounds (every configuration once per round) and report medians, so other work on the
@@ -39,12 +39,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from slimflow.flows.config import StudentConfig, TeacherConfig  # noqa: E402
+from slimflow.tasks.students.evaluate import measure_throughput, size_on_disk  # noqa: E402
+from slimflow.tasks.students.export import Predictor, export_model  # noqa: E402
+from slimflow.tasks.students.models import build_student  # noqa: E402
+from slimflow.tasks.students.vocab import Vocab  # noqa: E402
+
 from bench._common import goal, machine, print_goals  # noqa: E402
-from flows.config import StudentConfig, TeacherConfig  # noqa: E402
-from tasks.students.evaluate import measure_throughput, size_on_disk  # noqa: E402
-from tasks.students.export import Predictor, export_model  # noqa: E402
-from tasks.students.models import build_student  # noqa: E402
-from tasks.students.vocab import Vocab  # noqa: E402
 
 KINDS = ("bow", "cnn", "bilstm")
 LABELS = ["neg", "pos"]
@@ -55,7 +56,7 @@ GOALS = {"zh-reviews": {"bow": 1000.0, "bilstm": 100.0}, "en-reviews": {"bow": 1
 
 def text_sets(n: int, n_long: int, vocab_n: int) -> dict[str, tuple[list[str], list[str]]]:
     """{set: (timed texts, vocabulary texts)}, disjoint."""
-    from tasks.datasets import load_rows
+    from slimflow.tasks.datasets import load_rows
 
     out = {}
     for name in ("zh-reviews", "en-reviews"):
@@ -85,15 +86,15 @@ def text_sets(n: int, n_long: int, vocab_n: int) -> dict[str, tuple[list[str], l
 
 def load_teacher_fn():
     """(predict_fn(texts) -> logits, description): the default teacher as the label stage runs it."""
-    from tasks.teacher.label import label_texts
-    from tasks.teacher.model import load_base_teacher, make_head
+    from slimflow.tasks.teacher.label import label_texts
+    from slimflow.tasks.teacher.model import load_base_teacher, make_head
 
     tc = TeacherConfig()
     t = load_base_teacher("default", device="cpu", max_length=tc.max_length)
     t.head, t.kind, t.labels = make_head(384, len(LABELS)).eval(), "head", list(LABELS)
     budget = tc.batch_tokens
     return (lambda b: label_texts(t, b, batch_tokens=budget)), (
-        f"tasks.teacher default ({t.name}, frozen encoder + head, {t.dtype}, label_texts path, "
+        f"slimflow.tasks.teacher default ({t.name}, frozen encoder + head, {t.dtype}, label_texts path, "
         f"max_length {t.max_length}, truncation {tc.truncation}, batch_tokens {budget})")
 
 
@@ -102,8 +103,8 @@ def full_vocab(texts: list[str], unit: str, lang: str, size: int) -> Vocab:
     that never occur, so the lookup tables are as large as a real run's."""
     tok = None
     if unit == "subword":
-        from tasks.students.subword import tokenizer_json
-        from tasks.teacher.model import resolve_base
+        from slimflow.tasks.students.subword import tokenizer_json
+        from slimflow.tasks.teacher.model import resolve_base
 
         tok = tokenizer_json(resolve_base("default").path)
     v = Vocab.from_texts(texts, unit=unit, lang=lang, lowercase=lang == "en", max_size=size, tokenizer=tok)

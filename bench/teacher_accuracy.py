@@ -40,11 +40,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
-    from tasks.datasets import load_rows, split_rows
-    from tasks.students.evaluate import classification_metrics
-    from tasks.teacher.fit import embed_texts, fit_logreg_on_dev, fit_mlp, predict_head
-    from tasks.teacher.model import load_base_teacher
+    from slimflow.tasks.datasets import load_rows, split_rows
+    from slimflow.tasks.students.evaluate import classification_metrics
+    from slimflow.tasks.teacher.fit import embed_texts, fit_logreg_on_dev, fit_mlp, predict_head
+    from slimflow.tasks.teacher.model import load_base_teacher
 
     t_start = time.perf_counter()
     splits = split_rows(load_rows("zh-reviews"), 2000, 1000, 1000, seed=0)  # `slimflow data export`'s defaults

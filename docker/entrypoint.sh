@@ -22,7 +22,7 @@ register)
     if [ -z "$config" ]; then
         # No config given: the bundled demo (exports the Chinese reviews once, writes its config.yaml).
         demo="${SLIMFLOW_RUNS:-/srv/runs}/demo-quick"
-        config=$(python -c 'import sys; from flows.demo import write_demo_config; print(write_demo_config(sys.argv[1], "quick"))' "$demo")
+        config=$(python -c 'import sys; from slimflow.flows.demo import write_demo_config; print(write_demo_config(sys.argv[1], "quick"))' "$demo")
         SLIMFLOW_OUT="${SLIMFLOW_OUT:-$demo}"
     fi
     set -- "$config" --pool "$POOL" "$@"

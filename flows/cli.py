@@ -10,7 +10,7 @@ import os
 import re
 import sys
 
-from storage.layout import STAGES
+from slimflow.storage.layout import STAGES
 
 _STAGE_HELP = {
     "ingest": "read and validate the inputs, quarantine bad rows (ingest/rejects.parquet), split into shards",
@@ -96,7 +96,7 @@ def _out_dir(args, config) -> str:
 
 
 def _summary(report: dict) -> str:
-    from flows.report import render_table
+    from slimflow.flows.report import render_table
 
     t = report["tasks"]
     rows = ", ".join(f"{k} {v}" for k, v in report["rows"].items() if not isinstance(v, dict))
@@ -107,20 +107,20 @@ def _summary(report: dict) -> str:
 def _locked(out: str, args):
     """The run directory's lock (storage/lock.py), taken before Prefect starts: a second run on a directory in
     use says once who holds it and waits, or with --no-wait stops at once (one error line)."""
-    from storage.lock import run_lock
+    from slimflow.storage.lock import run_lock
 
     return run_lock(out, wait=not args.no_wait, notify=lambda msg: print(f"slimflow: {msg}", file=sys.stderr,
                                                                          flush=True))
 
 
 def cmd_run(args) -> int:
-    from flows.config import load_config
+    from slimflow.flows.config import load_config
 
     config = load_config(args.config)
     out = _out_dir(args, config)
     with _locked(os.path.abspath(out), args):
         _prefect_defaults()
-        from flows.pipeline import PIPELINE, run_flow
+        from slimflow.flows.pipeline import PIPELINE, run_flow
 
         report = run_flow(config=config, out=os.path.abspath(out), until=args.until or PIPELINE[-1])
     print(_summary(report))
@@ -129,12 +129,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from flows.config import load_config
+    from slimflow.flows.config import load_config
 
     config = load_config(args.config)
     out = _out_dir(args, config)
     _prefect_defaults()
-    from flows.pipeline import plan_stages, run_stages
+    from slimflow.flows.pipeline import plan_stages, run_stages
 
     plan_stages(config, os.path.abspath(out), [args.command])  # a stage refused (label in online mode) locks nothing
     with _locked(os.path.abspath(out), args):
@@ -144,13 +144,13 @@ def cmd_stage(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from flows.config import load_config
-    from flows.demo import write_demo_config
+    from slimflow.flows.config import load_config
+    from slimflow.flows.demo import write_demo_config
 
     out = os.path.abspath(args.out or os.path.join("runs", f"demo-{args.preset}"))
     with _locked(out, args):  # the demo writes its data and config into the run directory too
         _prefect_defaults()
-        from flows.pipeline import PIPELINE, run_flow
+        from slimflow.flows.pipeline import PIPELINE, run_flow
 
         config = load_config(write_demo_config(out, args.preset))
         report = run_flow(config=config, out=out, until=PIPELINE[-1])
@@ -166,7 +166,7 @@ def cmd_rerun(args) -> int:
     # A folder that is not there is not created for its lock: rerun_stages says it is no run directory.
     with _locked(run_dir, args) if os.path.isdir(run_dir) else contextlib.nullcontext():
         _prefect_defaults()
-        from flows.pipeline import rerun_stages
+        from slimflow.flows.pipeline import rerun_stages
 
         report = rerun_stages(run_dir, args.stage, args.shard)
     print(_summary(report))
@@ -174,7 +174,7 @@ def cmd_rerun(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from tasks.students.export import UNDECODABLE, predict_lines
+    from slimflow.tasks.students.export import UNDECODABLE, predict_lines
 
     out = sys.stdout
     bad: list[int] = []
@@ -192,7 +192,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_data_export(args) -> int:
-    from tasks.datasets import export_dataset
+    from slimflow.tasks.datasets import export_dataset
 
     files = export_dataset(args.name, args.out, labelled=args.labelled, dev=args.dev, test=args.test,
                            seed=args.seed, unlabelled=args.unlabelled)
@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=cmd_data_export)
 
-    from flows.cli_ops import add_ops_commands
-    from flows.cli_teacher import add_teacher_commands
+    from slimflow.flows.cli_ops import add_ops_commands
+    from slimflow.flows.cli_teacher import add_teacher_commands
 
     add_ops_commands(sub)
     add_teacher_commands(sub)  # `teacher serve CONFIG` beside the `teacher CONFIG` stage

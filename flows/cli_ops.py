@@ -9,11 +9,11 @@ import argparse
 
 
 def cmd_deploy(args) -> int:
-    from flows.cli import _prefect_defaults
+    from slimflow.flows.cli import _prefect_defaults
 
     _prefect_defaults()
-    from flows.config import load_config
-    from flows.deploy import build_deployments, default_out, register_deployments, serve_deployments
+    from slimflow.flows.config import load_config
+    from slimflow.flows.deploy import build_deployments, default_out, register_deployments, serve_deployments
 
     config = load_config(args.config)
     out = default_out(config, args.out)

@@ -26,16 +26,16 @@ def cmd_teacher(args) -> int:
         return cmd_teacher_serve(args)
     if args.serve_config:
         raise ValueError(f"slimflow teacher: unexpected argument {args.serve_config!r} (did you mean `teacher serve`?)")
-    from flows.cli import cmd_stage
+    from slimflow.flows.cli import cmd_stage
 
     args.command = "teacher"
     return cmd_stage(args)
 
 
 def cmd_teacher_serve(args) -> int:
-    from flows.config import load_config
-    from storage.fs import join
-    from tasks.service import TOKEN_ENV, Limits, check_bind, serve
+    from slimflow.flows.config import load_config
+    from slimflow.storage.fs import join
+    from slimflow.tasks.service import TOKEN_ENV, Limits, check_bind, serve
 
     config = load_config(args.serve_config)
     out = os.path.abspath(args.out or os.path.join("runs", config.name))
@@ -52,14 +52,14 @@ def cmd_teacher_serve(args) -> int:
 
 def add_teacher_commands(sub) -> None:
     """Make ``teacher`` take ``serve CONFIG`` as well as ``CONFIG`` (the stage), with the service's options."""
-    from flows.cli import positive_int
+    from slimflow.flows.cli import positive_int
 
     tp = sub.choices.get("teacher")
     if tp is None:
         tp = sub.add_parser("teacher", help="fit the teacher (stage), or `teacher serve CONFIG` to serve it")
         tp.add_argument("config", help="the run's YAML config, or `serve`")
         tp.add_argument("--out", help="run directory (default: ./runs/<name>)")
-        from flows.cli import no_wait_arg
+        from slimflow.flows.cli import no_wait_arg
 
         no_wait_arg(tp)
     tp.description = _SERVE_DESC

@@ -24,7 +24,7 @@ PRESETS = {
 
 def write_demo_config(out: str, preset: str) -> str:
     """Export the data into ``out/data`` and write ``out/config.yaml``; returns the config path."""
-    from tasks.datasets import export_dataset
+    from slimflow.tasks.datasets import export_dataset
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")

@@ -4,7 +4,7 @@
 and edits the config in its form, which Prefect generates from the pydantic ``Config`` in the flows'
 signatures. ``register_deployments`` registers the same deployments with a process work pool instead, for a
 ``prefect worker`` to run (what ``docker/compose.yaml`` does); ``prefect.yaml`` declares them for
-``prefect deploy``. The stage list comes from ``flows.pipeline`` (``run_flow``, ``STAGE_FLOWS``), so stages
+``prefect deploy``. The stage list comes from ``slimflow.flows.pipeline`` (``run_flow``, ``STAGE_FLOWS``), so stages
 added there are deployed without a change here.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from flows.config import Config
+from slimflow.flows.config import Config
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -61,12 +61,11 @@ def build_deployments(config: Config, out: str, name: str, cron: str | None = No
     (``STAGE/NAME``, started by hand), all with ``config`` and ``out`` as default parameters."""
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
-
-    from flows.pipeline import PIPELINE, STAGE_FLOWS, run_flow
+    from slimflow.flows.pipeline import PIPELINE, STAGE_FLOWS, run_flow
 
     if until is not None and until not in PIPELINE:
         raise DeployError(f"--until {until!r} is not a stage; choose one of: {', '.join(PIPELINE)}")
-    # Module entrypoints (flows.pipeline.run_flow): the run, served or on a worker, imports the flow from the
+    # Module entrypoints (slimflow.flows.pipeline.run_flow): the run, served or on a worker, imports the flow from the
     # installed slimflow in any working directory, where a file path would tie it to this checkout. The task
     # runner comes from the run's `config.runner` when the pipeline calls each stage (flows/runners.py).
     # concurrency_limit 1: a deployment's runs are queued (Prefect's ENQUEUE), never two at once; a cron run

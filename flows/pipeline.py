@@ -15,20 +15,19 @@ import time
 
 import numpy as np
 from prefect import flow, tags
-
-from flows.config import Config
-from flows.report import write_report
-from flows.runners import gpu_tasks, shared_cluster, with_runner
-from flows.stages import StageResult, run_tasks
-from storage.fs import atomic_write_text, exists, read_bytes
-from storage.hashing import fingerprint, sha256_file
-from storage.layout import STAGES, RunLayout
-from storage.lock import run_lock
-from storage.manifest import Manifest, commit_manifest, read_manifest
-from storage.readers import InputError
-from storage.shards import ShardRef, read_shard
-from tasks.online import find_labelled
-from tasks.prefect_tasks import (
+from slimflow.flows.config import Config
+from slimflow.flows.report import write_report
+from slimflow.flows.runners import gpu_tasks, shared_cluster, with_runner
+from slimflow.flows.stages import StageResult, run_tasks
+from slimflow.storage.fs import atomic_write_text, exists, read_bytes
+from slimflow.storage.hashing import fingerprint, sha256_file
+from slimflow.storage.layout import STAGES, RunLayout
+from slimflow.storage.lock import run_lock
+from slimflow.storage.manifest import Manifest, commit_manifest, read_manifest
+from slimflow.storage.readers import InputError
+from slimflow.storage.shards import ShardRef, read_shard
+from slimflow.tasks.online import find_labelled
+from slimflow.tasks.prefect_tasks import (
     AUGMENT_CODE,
     EVALUATE_CODE,
     EXPORT_CODE,
@@ -54,7 +53,7 @@ from tasks.prefect_tasks import (
     vectors_task,
     vocab_task,
 )
-from tasks.teacher.label import assign_devices, label_precision
+from slimflow.tasks.teacher.label import assign_devices, label_precision
 
 PIPELINE = STAGES  # the stages in the order they run (defined once, in storage/layout.py)
 
@@ -93,7 +92,7 @@ def require(layout: RunLayout, stage: str, for_stage: str) -> Manifest:
     if m is None:
         raise StageOrderError(f"{for_stage} needs the {stage} stage of {layout.root}, which has not completed; "
                               f"run `slimflow {stage} CONFIG --out {layout.root}` (or `slimflow run`) first")
-    from storage.shards import shard_ok
+    from slimflow.storage.shards import shard_ok
 
     # A committed input that no longer matches its hash (truncated, edited) is never consumed (issue 6): the
     # stage that wrote it recomputes it (`slimflow run` does so, its cache check sees the bad hash).
@@ -257,7 +256,7 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     refs = [found[i] if i in found else next(asked) for i in range(len(inputs))]
     # Label tasks keep the teacher resident between shards (thread runner: in this process); the stages after
     # this one do not need it, so give its memory (~0.5 GB for e5-small) back to training.
-    from tasks.teacher.model import release_teachers
+    from slimflow.tasks.teacher.model import release_teachers
 
     release_teachers()
     version = code_version(*LABEL_CODE)
@@ -352,7 +351,7 @@ def export_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
 @_holding_run_lock
 def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     """Teacher vs baseline vs distilled students on the test split: accuracy, macro-F1, MCC, texts/s, size."""
-    from tasks.evaluate import SPEED_TEXTS
+    from slimflow.tasks.evaluate import SPEED_TEXTS
 
     layout = RunLayout(out)
     seg = require(layout, "segment", "evaluate")
@@ -415,7 +414,7 @@ SHARD_STAGES = ("segment", "augment", "teacher", "label")
 
 def teacher_devices(device: str) -> list[str]:
     """Devices the teacher stages spread over: every visible GPU for auto/cuda, else the one named."""
-    from tasks.teacher.label import available_devices
+    from slimflow.tasks.teacher.label import available_devices
 
     return available_devices(device)
 

@@ -17,10 +17,10 @@ import json
 import logging
 import time
 
-from flows.config import Config
-from storage.fs import atomic_write_bytes, atomic_write_text, exists, read_bytes
-from storage.layout import RunLayout
-from storage.manifest import read_manifest
+from slimflow.flows.config import Config
+from slimflow.storage.fs import atomic_write_bytes, atomic_write_text, exists, read_bytes
+from slimflow.storage.layout import RunLayout
+from slimflow.storage.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from flows.config import RunnerConfig
+from slimflow.flows.config import RunnerConfig
 
 if TYPE_CHECKING:
     from prefect import Flow

@@ -7,8 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from prefect.futures import as_completed
-
-from storage.shards import ShardRef, shard_ok
+from slimflow.storage.shards import ShardRef, shard_ok
 
 
 @dataclass

@@ -26,14 +26,13 @@ sys.path.insert(0, str(ROOT / "tests" / "tasks" / "teacher"))
 
 def main() -> int:
     import torch
+    from slimflow.tasks.students.static import static_vectors
+    from slimflow.tasks.students.vocab import Vocab
+    from slimflow.tasks.teacher.fit import adopt_pretrained
+    from slimflow.tasks.teacher.infer import BatchStats
+    from slimflow.tasks.teacher.label import available_devices, label_texts
+    from slimflow.tasks.teacher.model import load_base_teacher, load_teacher
     from teacher_fixtures import LABELS, build_seqcls_dir, random_texts
-
-    from tasks.students.static import static_vectors
-    from tasks.students.vocab import Vocab
-    from tasks.teacher.fit import adopt_pretrained
-    from tasks.teacher.infer import BatchStats
-    from tasks.teacher.label import available_devices, label_texts
-    from tasks.teacher.model import load_base_teacher, load_teacher
 
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
@@ -73,7 +72,7 @@ def main() -> int:
         build_tokenizer().save_pretrained(big)
         enc = load_base_teacher(str(big), device="cuda", dtype="auto", max_length=128)
         long_texts = random_texts(20000, seed=2, lo=20, hi=60)
-        from tasks.teacher.infer import run_batched
+        from slimflow.tasks.teacher.infer import run_batched
 
         run_batched(long_texts[:2000], enc.encode, enc.embed, 384, batch_tokens=65536, device=enc.device,
                     pad_id=enc.pad_id)  # warm-up

@@ -25,8 +25,8 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from storage.fs import _fsync_dir, _write_error, is_local
-from storage.hashing import sha256_bytes, sha256_file
+from slimflow.storage.fs import _fsync_dir, _write_error, is_local
+from slimflow.storage.hashing import sha256_bytes, sha256_file
 
 INCOMPLETE = ".incomplete-"
 OLD = ".old-"

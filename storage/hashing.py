@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from storage.fs import is_local, read_bytes
+from slimflow.storage.fs import is_local, read_bytes
 
 
 def sha256_bytes(data: bytes) -> str:

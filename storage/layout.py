@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage.fs import join
+from slimflow.storage.fs import join
 
-# The pipeline's stages in the order they run: the one definition (flows.pipeline.PIPELINE and the CLI use it).
+# The pipeline's stages in the order they run: the one definition (slimflow.flows.pipeline.PIPELINE and the CLI use it).
 STAGES = ("ingest", "segment", "augment", "teacher", "label", "train", "export", "evaluate")
 
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from storage.fs import _write_error, is_local
+from slimflow.storage.fs import _write_error, is_local
 
 LOCK_FILE = ".slimflow.lock"
 _HOLDER_WAIT_S = 2.0  # how long a waiter reads an empty record while the new holder is still writing it

@@ -6,16 +6,28 @@ manifest (a killed run) is never trusted; its stray shard files are swept once a
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.fs import atomic_write_text, exists, join, listdir, read_bytes, remove
-from storage.shards import ShardRef
+from slimflow.storage.fs import atomic_write_text, exists, join, listdir, read_bytes, remove
+from slimflow.storage.shards import ShardRef
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("slimflow")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never pip-installed
+        return "0+unknown"
+
+
+# slimflow's version (slimflow.__version__), recorded in every manifest: which release wrote a run directory.
+SLIMFLOW_VERSION = _installed_version()
 
 
 @dataclass
@@ -27,6 +39,7 @@ class Manifest:
     shards: list[ShardRef]
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific facts (labels, counts, files)
     created_at: float = field(default_factory=time.time)
+    slimflow_version: str = SLIMFLOW_VERSION
 
     def split(self, name: str) -> list[ShardRef]:
         return [s for s in self.shards if s.split == name]
@@ -41,6 +54,7 @@ class Manifest:
                 "stage": self.stage,
                 "fingerprint": self.fingerprint,
                 "code_version": self.code_version,
+                "slimflow_version": self.slimflow_version,
                 "created_at": self.created_at,
                 "params": self.params,
                 "extra": self.extra,
@@ -64,6 +78,7 @@ class Manifest:
             shards=[ShardRef.from_dict(s) for s in d["shards"]],
             extra=d.get("extra", {}),
             created_at=d.get("created_at", 0.0),
+            slimflow_version=d.get("slimflow_version", "unknown"),
         )
 
 

@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from storage.fs import exists, read_bytes
+from slimflow.storage.fs import exists, read_bytes
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
            ".parquet": "parquet", ".pq": "parquet"}

@@ -7,9 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from storage.fs import atomic_write_bytes, exists, join, read_bytes
-from storage.hashing import sha256_bytes
+from slimflow.storage.fs import atomic_write_bytes, exists, join, read_bytes
+from slimflow.storage.hashing import sha256_bytes
 
 
 class CorruptShardError(RuntimeError):

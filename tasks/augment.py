@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from storage.fs import atomic_write_bytes, join
-from storage.schema import AUGMENT, MASK_PLACEHOLDER, POS_TABLE, UNK
-from storage.shards import CorruptShardError, ShardRef, read_shard, table_to_parquet_bytes, write_shard
+from slimflow.storage.fs import atomic_write_bytes, join
+from slimflow.storage.schema import AUGMENT, MASK_PLACEHOLDER, POS_TABLE, UNK
+from slimflow.storage.shards import CorruptShardError, ShardRef, read_shard, table_to_parquet_bytes, write_shard
 
 OPS = ("mask", "pos", "ngram")
 
@@ -96,7 +95,7 @@ def shard_seed(seed: int, ids: list[str]) -> np.random.Generator:
 
 def augment_rows(ids: list[str], labels: list[str | None], words: list[list[str]], pos: list[list[str]],
                  ws: list[list[bool]], table: PosTable, p: AugmentParams) -> pa.Table:
-    """Augmented rows (``storage.schema.AUGMENT``) for one shard's segmented rows."""
+    """Augmented rows (``slimflow.storage.schema.AUGMENT``) for one shard's segmented rows."""
     rng = shard_seed(p.seed, ids)
     n, k = len(ids), p.n_iter
     lengths = np.fromiter((len(w) for w in words), np.int64, n)
@@ -206,8 +205,8 @@ def augment_rows(ids: list[str], labels: list[str | None], words: list[list[str]
 
 
 def load_pos_table(run_dir: str, table_ref: dict) -> PosTable:
-    from storage.fs import read_bytes
-    from storage.hashing import sha256_bytes
+    from slimflow.storage.fs import read_bytes
+    from slimflow.storage.hashing import sha256_bytes
 
     data = read_bytes(join(run_dir, table_ref["path"]))
     if sha256_bytes(data) != table_ref["sha256"]:

@@ -18,8 +18,7 @@ import io
 import os
 
 import numpy as np
-
-from storage.fs import atomic_write_text
+from slimflow.storage.fs import atomic_write_text
 
 DATASETS = ("zh-reviews", "en-reviews")
 

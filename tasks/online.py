@@ -28,14 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from storage.fs import atomic_write_text, exists, join, read_bytes
-from storage.hashing import fingerprint
-from storage.manifest import read_manifest
-from storage.schema import LABELLED
-from storage.shards import ShardRef, read_shard, shard_ok, write_shard
-from tasks.service import TOKEN_ENV  # the service's bearer token; never in a config file or a manifest
-from tasks.teacher.label import KINDS, _input_columns, labelled_table
+from slimflow.storage.fs import atomic_write_text, exists, join, read_bytes
+from slimflow.storage.hashing import fingerprint
+from slimflow.storage.manifest import read_manifest
+from slimflow.storage.schema import LABELLED
+from slimflow.storage.shards import ShardRef, read_shard, shard_ok, write_shard
+from slimflow.tasks.service import TOKEN_ENV  # the service's bearer token; never in a config file or a manifest
+from slimflow.tasks.teacher.label import KINDS, _input_columns, labelled_table
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from prefect import task
 from prefect.context import TaskRunContext
-
-from storage.hashing import fingerprint, hash_source_files
-from storage.shards import CorruptShardError, ShardRef
+from slimflow.storage.hashing import fingerprint, hash_source_files
+from slimflow.storage.shards import CorruptShardError, ShardRef
 
 _ROOT = Path(__file__).resolve().parent.parent
 _TASKS = _ROOT / "tasks"
@@ -43,11 +42,12 @@ EVALUATE_CODE = ("evaluate.py",)  # the students' and the teacher's timing and s
 
 
 def _module_file(name: str) -> Path | None:
-    """``tasks.a.b`` -> tasks/a/b.py; None for a name outside tasks/, a package or a name inside a module."""
+    """``slimflow.tasks.a.b`` -> tasks/a/b.py; None for a name outside tasks/, a package or a name inside a
+    module."""
     parts = name.split(".")
-    if parts[0] != "tasks":
+    if parts[:2] != ["slimflow", "tasks"]:
         return None
-    path = _ROOT.joinpath(*parts).with_suffix(".py")
+    path = _ROOT.joinpath(*parts[1:]).with_suffix(".py")
     return path if path.is_file() else None
 
 
@@ -59,7 +59,7 @@ def _imported_task_files(path: Path) -> frozenset[Path]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            # `from tasks import fastseg` names a module; `from tasks.x import f` names the module tasks.x
+            # `from slimflow.tasks import fastseg` names a module; `from slimflow.tasks.x import f` the module .x
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         else:
             continue
@@ -114,7 +114,7 @@ _COMMON = dict(persist_result=True, result_serializer="json", retries=2, retry_d
 
 @task(name="ingest", cache_key_fn=_cache_key(INGEST_CODE), **_COMMON)
 def ingest_task(run_dir: str, params: dict, input_hashes: dict) -> dict:
-    from tasks.ingest import IngestParams, ingest
+    from slimflow.tasks.ingest import IngestParams, ingest
 
     p = dict(params)
     if p.get("labels") is not None:
@@ -124,21 +124,21 @@ def ingest_task(run_dir: str, params: dict, input_hashes: dict) -> dict:
 
 @task(name="segment", task_run_name="segment-{shard}", cache_key_fn=_cache_key(SEGMENT_CODE), **_COMMON)
 def segment_task(run_dir: str, shard: str, ref: dict, lang: str, workers: int | None = None) -> dict:
-    from tasks.segment import segment_shard
+    from slimflow.tasks.segment import segment_shard
 
     return segment_shard(run_dir, ShardRef.from_dict(ref), lang, workers).to_dict()
 
 
 @task(name="pos-table", cache_key_fn=_cache_key(AUGMENT_CODE), **_COMMON)
 def pos_table_task(run_dir: str, refs: list[dict], min_count: int) -> dict:
-    from tasks.augment import build_pos_table
+    from slimflow.tasks.augment import build_pos_table
 
     return build_pos_table(run_dir, [ShardRef.from_dict(r) for r in refs], min_count)
 
 
 @task(name="augment", task_run_name="augment-{shard}", cache_key_fn=_cache_key(AUGMENT_CODE), **_COMMON)
 def augment_task(run_dir: str, shard: str, ref: dict, table: dict, params: dict) -> dict:
-    from tasks.augment import AugmentParams, augment_shard
+    from slimflow.tasks.augment import AugmentParams, augment_shard
 
     p = {**params, "ngram": tuple(params["ngram"])}
     return augment_shard(run_dir, ShardRef.from_dict(ref), table, AugmentParams(**p)).to_dict()
@@ -154,8 +154,8 @@ def _dir_files(run_dir: str, rel_dir: str) -> list[dict]:
     """{path, sha256} of every file under ``rel_dir``: lets the flow verify a cached teacher directory."""
     import os
 
-    from storage.fs import join
-    from storage.hashing import sha256_file
+    from slimflow.storage.fs import join
+    from slimflow.storage.hashing import sha256_file
 
     base = join(run_dir, rel_dir)
     out = []
@@ -169,7 +169,7 @@ def _dir_files(run_dir: str, rel_dir: str) -> list[dict]:
 @task(name="embed", task_run_name="embed-{shard}", cache_key_fn=_cache_key(TEACHER_CODE),
       **_COMMON)
 def embed_task(run_dir: str, shard: str, ref: dict, teacher: dict) -> dict:
-    from tasks.teacher.fit import embed_shard
+    from slimflow.tasks.teacher.fit import embed_shard
 
     r = ShardRef.from_dict(ref)
     kw = _teacher_kwargs(teacher)
@@ -181,8 +181,8 @@ def embed_task(run_dir: str, shard: str, ref: dict, teacher: dict) -> dict:
 def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list[dict], dev: list[dict],
                      test: list[dict]) -> dict:
     """Step 1: the fitted teacher in ``run_dir/teacher/model``; returns teacher.json plus its files' hashes."""
-    from storage.fs import join
-    from tasks.teacher import fit
+    from slimflow.storage.fs import join
+    from slimflow.tasks.teacher import fit
 
     refs = {k: [ShardRef.from_dict(r) for r in v] for k, v in (("train", train), ("dev", dev), ("test", test))}
     out = join(run_dir, "teacher", "model")
@@ -213,8 +213,8 @@ def label_task(run_dir: str, shard: str, ref: dict, kind: str, teacher: dict, we
     """Step 2: one shard labelled by the teacher (``weights_hash`` keys the cache on the fitted teacher)."""
     import dataclasses
 
-    from storage.fs import join
-    from tasks.teacher.label import label_shard
+    from slimflow.storage.fs import join
+    from slimflow.tasks.teacher.label import label_shard
 
     # The output shard is named by kind ("augmented-00003"), so ids stay unique across the label stage.
     r = dataclasses.replace(ShardRef.from_dict(ref), split=kind)
@@ -227,14 +227,14 @@ def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lo
                unit: str = "words", lang: str = "zh", teacher: dict | None = None) -> dict:
     """The students' vocabulary over the segmented train + unlabelled texts: ``train/vocab.json`` (words) or
     ``train/vocab-<unit>.json`` (chars, subword; subword reads ``teacher``'s tokenizer, saved beside it)."""
-    from storage.fs import join
-    from storage.hashing import sha256_file
-    from tasks.students.vocab import build_vocab_from_shards
+    from slimflow.storage.fs import join
+    from slimflow.storage.hashing import sha256_file
+    from slimflow.tasks.students.vocab import build_vocab_from_shards
 
     tokenizer = None
     if unit == "subword":
-        from tasks.students.subword import tokenizer_json
-        from tasks.teacher.model import resolve_base
+        from slimflow.tasks.students.subword import tokenizer_json
+        from slimflow.tasks.teacher.model import resolve_base
 
         base = resolve_base(teacher["model"], teacher["cache_dir"])
         tokenizer = tokenizer_json(str(base.path), trust_remote_code=teacher["trust_remote_code"])
@@ -253,12 +253,11 @@ def vectors_task(run_dir: str, vocab: dict, teacher: dict, dim: int) -> dict:
     import io
 
     import numpy as np
-
-    from storage.fs import atomic_write_bytes, join
-    from storage.hashing import sha256_bytes
-    from tasks.students.static import static_vectors
-    from tasks.students.vocab import Vocab
-    from tasks.teacher.model import load_base_teacher, set_threads
+    from slimflow.storage.fs import atomic_write_bytes, join
+    from slimflow.storage.hashing import sha256_bytes
+    from slimflow.tasks.students.static import static_vectors
+    from slimflow.tasks.students.vocab import Vocab
+    from slimflow.tasks.teacher.model import load_base_teacher, set_threads
 
     set_threads(teacher["threads"])
     enc = load_base_teacher(teacher["model"], cache_dir=teacher["cache_dir"], device=teacher["device"],
@@ -292,7 +291,7 @@ def online_train_task(run_dir: str, kind: str, inputs: list[dict], dev: list[dic
     """Step 3, online (issue 6): a distilled student whose LABELLED shards the teacher service answers while it
     trains (``tasks/online.py``); ``inputs`` are ``{"kind", "ref"}`` input shards. Every answer is kept as a
     label shard, so a retry (the service was down too long) resumes without asking again."""
-    from tasks.online import OnlineLabeller, TeacherClient
+    from slimflow.tasks.online import OnlineLabeller, TeacherClient
 
     pairs = [(i["kind"], ShardRef.from_dict(i["ref"])) for i in inputs]
     with TeacherClient(service["url"], concurrency=service["concurrency"],
@@ -308,10 +307,9 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
     import io
 
     import numpy as np
-
-    from storage.fs import join, read_bytes
-    from tasks.students.train import train_student
-    from tasks.students.vocab import Vocab
+    from slimflow.storage.fs import join, read_bytes
+    from slimflow.tasks.students.train import train_student
+    from slimflow.tasks.students.vocab import Vocab
 
     rel = f"train/{kind}-{mode}"
     s = student
@@ -327,7 +325,7 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
         if vectors else None,
     )
     best = join(run_dir, rel, "best.pt")
-    from storage.hashing import sha256_file
+    from slimflow.storage.hashing import sha256_file
 
     keep = ("best_dev_accuracy", "best_epoch", "epochs_run", "history")
     return {"kind": kind, "mode": mode, "dir": rel, **{k: res.get(k) for k in keep},
@@ -337,8 +335,8 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
 @task(name="export-student", task_run_name="export-{kind}", cache_key_fn=_cache_key(EXPORT_CODE), **_COMMON)
 def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
     """A distilled student as ONNX + TorchScript with its vocab, labels and segmentation settings."""
-    from storage.fs import join
-    from tasks.students.export import export_student
+    from slimflow.storage.fs import join
+    from slimflow.tasks.students.export import export_student
 
     rel = f"export/{kind}"
     meta = export_student(join(run_dir, trained["dir"]), join(run_dir, rel), lang=lang)
@@ -350,7 +348,7 @@ def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
 def evaluate_student_task(run_dir: str, kind: str, mode: str, trained: dict, test: list[dict], lang: str,
                           speed_texts: list[str], splits: dict[str, list[dict]] | None = None) -> dict:
     """``splits``: {split: segment shards} whose texts read truncated are counted (see evaluate_student_run)."""
-    from tasks.evaluate import evaluate_student_run
+    from slimflow.tasks.evaluate import evaluate_student_run
 
     return evaluate_student_run(run_dir, trained["dir"], [ShardRef.from_dict(r) for r in test], lang,
                                 speed_texts, _split_refs(splits)) | {"kind": kind, "mode": mode}
@@ -360,7 +358,7 @@ def evaluate_student_task(run_dir: str, kind: str, mode: str, trained: dict, tes
 def evaluate_teacher_task(run_dir: str, teacher: dict, weights_hash: str, speed_texts: list[str],
                           splits: dict[str, list[dict]] | None = None) -> dict:
     """The teacher's speed and size, and under ``truncation`` its rows and texts read truncated per split."""
-    from tasks.evaluate import teacher_speed, teacher_truncated
+    from slimflow.tasks.evaluate import teacher_speed, teacher_truncated
 
     out = teacher_speed(run_dir, teacher, speed_texts)
     return out | {"truncation": teacher_truncated(run_dir, teacher, _split_refs(splits))} if splits else out

@@ -17,9 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 
 import pyarrow as pa
-
-from storage.schema import SEGMENT
-from storage.shards import ShardRef, read_shard, write_shard
+from slimflow.storage.schema import SEGMENT
+from slimflow.storage.shards import ShardRef, read_shard, write_shard
 
 _HAN = re.compile(r"[\u4E00-\u9FD5]")
 _NUM = re.compile(r"^[0-9０-９][0-9０-９.,%．]*$")
@@ -61,7 +60,7 @@ def _zh_tag_oov(word: str, table: dict) -> str:
 def _cut_zh(texts: list[str]) -> list[list[str]]:
     """``jieba.lcut`` of each text, through jieba-rs (~15-20x faster, same words: tasks/fastseg.py) when it is
     installed."""
-    from tasks import fastseg
+    from slimflow.tasks import fastseg
 
     if fastseg.available():
         return fastseg.tokenize_zh(texts, keep_whitespace=True)

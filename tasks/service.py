@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from tasks.teacher.infer import BatchStats, OomHook
+from slimflow.tasks.teacher.infer import BatchStats, OomHook
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,8 @@ def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = L
 
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
-
-    from storage.fs import exists, join
-    from tasks.teacher.model import TEACHER_JSON
+    from slimflow.storage.fs import exists, join
+    from slimflow.tasks.teacher.model import TEACHER_JSON
 
     if not exists(join(teacher_dir, TEACHER_JSON)):
         raise ServiceError(f"no fitted teacher in {teacher_dir}; run `slimflow run CONFIG --until teacher` first")
@@ -129,7 +128,7 @@ def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = L
 
     @asynccontextmanager
     async def lifespan(app):
-        from tasks.teacher.model import load_teacher
+        from slimflow.tasks.teacher.model import load_teacher
 
         teacher = await asyncio.to_thread(load_teacher, teacher_dir, device=device, dtype=dtype, threads=threads,
                                           cache_dir=cache_dir, trust_remote_code=trust_remote_code)
@@ -145,7 +144,7 @@ def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = L
     app.state.stats = stats
 
     async def _batcher(teacher) -> None:
-        from tasks.teacher.label import label_texts
+        from slimflow.tasks.teacher.label import label_texts
 
         queue: asyncio.Queue = state["queue"]
         loop = asyncio.get_running_loop()
@@ -241,7 +240,7 @@ def create_app(teacher_dir: str, *, token: str | None = None, limits: Limits = L
         try:
             y = await fut
         except Exception as e:
-            from tasks.teacher.infer import is_oom
+            from slimflow.tasks.teacher.infer import is_oom
 
             if isinstance(e, RuntimeError) and is_oom(e.__cause__ or e):
                 raise HTTPException(503, "teacher out of memory on a single text; lower the client's "

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
-from storage.shards import ShardRef, read_shard
-from tasks.students.vocab import Vocab, pad_batch
+from slimflow.storage.shards import ShardRef, read_shard
+from slimflow.tasks.students.vocab import Vocab, pad_batch
 
 Mode = Literal["baseline", "distilled"]
 MODES = ("baseline", "distilled")

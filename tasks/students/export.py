@@ -19,10 +19,9 @@ import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-
-from storage.atomic_dir import FolderMismatch, build_dir, check_blob, file_hashes
-from storage.fs import atomic_write_text, exists, join, read_bytes
-from tasks.students.vocab import Vocab, tokenizer_path
+from slimflow.storage.atomic_dir import FolderMismatch, build_dir, check_blob, file_hashes
+from slimflow.storage.fs import atomic_write_text, exists, join, read_bytes
+from slimflow.tasks.students.vocab import Vocab, tokenizer_path
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -40,11 +39,10 @@ def _example_inputs():
 def export_onnx(model, path: str, opset: int = 18) -> None:
     """Write ``model`` as one ONNX file (weights inside) with dynamic batch and length axes."""
     import torch
-
-    from tasks.students.models import BiLSTM
+    from slimflow.tasks.students.models import BiLSTM
 
     if isinstance(model, BiLSTM):  # one native bidirectional LSTM op (tasks/students/onnx_lstm.py)
-        from tasks.students.onnx_lstm import bilstm_onnx
+        from slimflow.tasks.students.onnx_lstm import bilstm_onnx
 
         with open(path, "wb") as fh:
             fh.write(bilstm_onnx(model.eval(), opset).SerializeToString())
@@ -74,7 +72,7 @@ def export_torchscript(model, path: str) -> None:
 def export_student(train_dir: str, export_dir: str, *, lang: str,
                    formats: Iterable[str] = FORMATS) -> dict:
     """Export ``train_dir``'s best.pt (from train_student) into ``export_dir``; returns the student.json dict."""
-    from tasks.students.train import load_student
+    from slimflow.tasks.students.train import load_student
 
     model, vocab, labels, cfg = load_student(train_dir)
     return export_model(model, vocab, labels, cfg, export_dir, lang=lang, formats=formats)
@@ -92,7 +90,7 @@ def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, exp
     # A BOW is served with its first dense layer folded into the embedding table (models.FoldedBOW): the same
     # logits from a table hidden-wide instead of embed_dim-wide (half at the default sizes).
     served = model.eval().folded() if hasattr(model, "folded") else model
-    from tasks.students.evaluate import count_params
+    from slimflow.tasks.students.evaluate import count_params
 
     with build_dir(export_dir) as tmp:
         for f in formats:

@@ -14,8 +14,7 @@ fed directly, between the tokenizer's special tokens). No ``query:`` prefix: it 
 from __future__ import annotations
 
 import numpy as np
-
-from tasks.students.vocab import Vocab
+from slimflow.tasks.students.vocab import Vocab
 
 SIF_A = 1e-4  # model2vec's default sif_coefficient
 _MAX_TOKEN_PIECES = 16  # a word longer than this many pieces is read by its first ones
@@ -24,9 +23,9 @@ _MAX_TOKEN_PIECES = 16  # a word longer than this many pieces is read by its fir
 def static_vectors(vocab: Vocab, teacher, dim: int, *, batch_tokens: int = 4096, sif: float = SIF_A) -> np.ndarray:
     """[len(vocab), dim] float32 initial embeddings: rows 0 ([PAD]) and 1 ([UNK]) zero, the rest the teacher's
     PCA'd, SIF-weighted vectors, scaled so the mean row norm is sqrt(dim), as for nn.Embedding's N(0, 1) rows.
-    ``teacher``: an encoder ``tasks.teacher.model.Teacher`` (``load_base_teacher``). Deterministic: the same
+    ``teacher``: an encoder ``slimflow.tasks.teacher.model.Teacher`` (``load_base_teacher``). Deterministic: the same
     vocabulary and teacher give the same array."""
-    from tasks.teacher.infer import run_batched
+    from slimflow.tasks.teacher.infer import run_batched
 
     tokens = list(vocab.itos[2:])
     out = np.zeros((len(vocab), dim), dtype=np.float32)

@@ -14,10 +14,9 @@ import json
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from slimflow.storage.schema import MASK_PLACEHOLDER, PAD, UNK
 
-from storage.schema import MASK_PLACEHOLDER, PAD, UNK
-
-PAD_ID, UNK_ID = 0, 1  # as tasks.students.vocab (which imports this module: no import back)
+PAD_ID, UNK_ID = 0, 1  # as slimflow.tasks.students.vocab (which imports this module: no import back)
 
 
 class SubwordEncoder:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from storage.schema import MASK_PLACEHOLDER, UNK
+from slimflow.storage.schema import MASK_PLACEHOLDER, UNK
 
 # \w: letters, digits and _ of every script (Python's re is Unicode-aware); anything else but space is a
 # token of its own. The placeholder (a private-use character) is neither, so it stays one token.
@@ -32,12 +32,12 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 def word_tokens(texts: Sequence[str], lang: str, lowercase: bool = False) -> list[list[str]]:
     """The words a ``words`` student reads in each text (masked words as ``[UNK]``)."""
     if lang == "zh":
-        from tasks import fastseg
+        from slimflow.tasks import fastseg
 
         if fastseg.available():
             rows = fastseg.tokenize_zh(list(texts))
         else:  # the same words, ~15x slower (tasks/fastseg.py)
-            from tasks.segment import tokenize
+            from slimflow.tasks.segment import tokenize
 
             rows = tokenize(list(texts), "zh")
         if lowercase:

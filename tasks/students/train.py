@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from storage.fs import atomic_write_bytes, atomic_write_text, exists, join, makedirs, read_bytes
-from storage.hashing import fingerprint, sha256_bytes, sha256_file
-from storage.shards import ShardRef
-from tasks.students.data import MODES, Mode, ShardStream
-from tasks.students.evaluate import classification_metrics
-from tasks.students.vocab import Vocab
+from slimflow.storage.fs import atomic_write_bytes, atomic_write_text, exists, join, makedirs, read_bytes
+from slimflow.storage.hashing import fingerprint, sha256_bytes, sha256_file
+from slimflow.storage.shards import ShardRef
+from slimflow.tasks.students.data import MODES, Mode, ShardStream
+from slimflow.tasks.students.evaluate import classification_metrics
+from slimflow.tasks.students.vocab import Vocab
 
 # torch, models and losses are imported inside the functions: importing this module (the flows do, to wrap
 # train_student in a task) stays cheap.
@@ -155,9 +155,8 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
            on_epoch_end: Callable[[dict], None] | None, init_vectors) -> dict:
     import numpy as np
     import torch
-
-    from tasks.students.losses import check_loss
-    from tasks.students.models import student_class
+    from slimflow.tasks.students.losses import check_loss
+    from slimflow.tasks.students.models import student_class
 
     student_class(kind)  # unknown kinds fail before any work, with the valid choices
     if mode not in MODES:
@@ -257,7 +256,7 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
 
 def _result_files(out_dir: str) -> dict[str, dict]:
     """{name: {sha256}} of the files a finished training hands on (what load_student reads), for result.json."""
-    from tasks.students.vocab import tokenizer_path
+    from slimflow.tasks.students.vocab import tokenizer_path
 
     names = ["best.pt", "vocab.json", "labels.json"]
     if exists(tokenizer_path(join(out_dir, "vocab.json"))):
@@ -273,9 +272,8 @@ def _files_match(out_dir: str, result: dict) -> bool:
 
 def _run_epoch(model, opt, train: ShardStream, dev: ShardStream, epoch: int, params: dict, show: bool) -> dict:
     import torch
+    from slimflow.tasks.students.losses import compute_loss
     from tqdm import tqdm
-
-    from tasks.students.losses import compute_loss
 
     t0 = time.perf_counter()
     model.train()
@@ -312,8 +310,8 @@ def load_student(train_dir: str):
 
     Only a finished training is loaded, and only with the files its result.json records (their sha256): a
     best.pt and vocab.json from two different trainings are refused, naming the file."""
-    from storage.atomic_dir import check_hashes
-    from tasks.students.models import student_class
+    from slimflow.storage.atomic_dir import check_hashes
+    from slimflow.tasks.students.models import student_class
 
     result_path = join(train_dir, "result.json")
     fix = f"re-run the training: `slimflow rerun RUN_DIR --stage train` (RUN_DIR holding {train_dir})"

@@ -17,11 +17,10 @@ from itertools import chain, repeat
 from typing import Literal
 
 import numpy as np
-
-from storage.fs import atomic_write_text, exists, read_bytes
-from storage.hashing import fingerprint, sha256_bytes
-from storage.schema import PAD, UNK
-from storage.shards import ShardRef, read_shard
+from slimflow.storage.fs import atomic_write_text, exists, read_bytes
+from slimflow.storage.hashing import fingerprint, sha256_bytes
+from slimflow.storage.schema import PAD, UNK
+from slimflow.storage.shards import ShardRef, read_shard
 
 PAD_ID = 0  # models mask by length, but the embedding's padding_idx keeps [PAD] at zero too
 UNK_ID = 1
@@ -63,7 +62,7 @@ class Vocab:
         """The ``max_size`` - 2 most frequent tokens seen at least ``min_count`` times (ties by token), over
         the given words of each row or, for ``unit="chars"``, the characters and bigrams of its text."""
         if unit == "chars":
-            from tasks.students.chars import char_string, count_tokens
+            from slimflow.tasks.students.chars import char_string, count_tokens
 
             counts = count_tokens((char_string(ws) for ws in word_lists), lowercase=lowercase)
         elif unit == "words":
@@ -82,7 +81,7 @@ class Vocab:
         if unit == "subword":
             if tokenizer is None:
                 raise ValueError("a subword vocabulary needs the teacher's tokenizer (tokenizer=...)")
-            from tasks.students.subword import SubwordEncoder
+            from slimflow.tasks.students.subword import SubwordEncoder
 
             enc = SubwordEncoder(tokenizer)
             counts_arr = enc.count(texts)
@@ -91,11 +90,11 @@ class Vocab:
             return cls._from_counts(counts, min_count, max_size, lowercase=False, unit=unit, lang=lang,
                                     tokenizer=tokenizer)
         if unit == "chars":
-            from tasks.students.chars import count_tokens
+            from slimflow.tasks.students.chars import count_tokens
 
             return cls._from_counts(count_tokens(texts, lowercase=lowercase), min_count, max_size,
                                     lowercase=lowercase, unit=unit, lang=lang)
-        from tasks.students.tokens import word_tokens
+        from slimflow.tasks.students.tokens import word_tokens
 
         counts = Counter()
         buf: list[str] = []
@@ -127,7 +126,7 @@ class Vocab:
         if enc is None:
             if self.unit != "chars":
                 raise ValueError("a words vocabulary has no character encoder")
-            from tasks.students.chars import CharEncoder
+            from slimflow.tasks.students.chars import CharEncoder
 
             enc = CharEncoder(self.itos, lowercase=self.lowercase)
             object.__setattr__(self, "_chars", enc)
@@ -140,7 +139,7 @@ class Vocab:
         if enc is None:
             if self.unit != "subword":
                 raise ValueError(f"a {self.unit} vocabulary has no subword encoder")
-            from tasks.students.subword import SubwordEncoder
+            from slimflow.tasks.students.subword import SubwordEncoder
 
             enc = SubwordEncoder(self.tokenizer, self.itos)
             object.__setattr__(self, "_subword", enc)
@@ -174,7 +173,7 @@ class Vocab:
     def _encode_texts(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
         if self.unit == "subword":
             return self.subword.encode(texts, max_len)
-        from tasks.students.tokens import word_tokens
+        from slimflow.tasks.students.tokens import word_tokens
 
         # word_tokens lowercases whole texts (one str.lower() each): the lookup need not fold word by word.
         return self.encode_batch(word_tokens(texts, self.lang, self.lowercase), max_len, folded=True)
@@ -185,7 +184,7 @@ class Vocab:
             return np.fromiter((len("".join(t.split())) for t in texts), dtype=np.int64, count=len(texts))
         if self.unit == "subword":
             return self.subword.lengths(texts)
-        from tasks.students.tokens import word_tokens
+        from slimflow.tasks.students.tokens import word_tokens
 
         return np.fromiter(map(len, word_tokens(texts, self.lang)), dtype=np.int64, count=len(texts))
 
@@ -211,7 +210,7 @@ class Vocab:
         ``pad_batch([encode(w) ...])``, with one lookup pass over the batch's words and no per-row numpy work.
         chars and subword vocabularies encode the text the words stand for (masked words as the placeholder)."""
         if self.unit != "words":
-            from tasks.students.chars import char_string
+            from slimflow.tasks.students.chars import char_string
 
             sep = "" if self.unit == "chars" or self.lang == "zh" else " "
             return self.encode_texts([char_string(w, sep) for w in word_lists], max_len)

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from storage.hashing import sha256_file
+from slimflow.storage.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +246,7 @@ def convert_e5(cache_dir: str | Path | None = None, bin_path: str | Path | None 
         fast.save_pretrained(tmp)
         (tmp / SOURCE_JSON).write_text(json.dumps({
             "source": E5_FILE, "source_sha256": sha, "name": "multilingual-e5-small",
-            "prefix": E5_QUERY_PREFIX, "pooling": "mean", "converter": "tasks.teacher.convert",
+            "prefix": E5_QUERY_PREFIX, "pooling": "mean", "converter": "slimflow.tasks.teacher.convert",
         }, indent=1))
         try:
             os.rename(tmp, final)

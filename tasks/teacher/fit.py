@@ -22,13 +22,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-
-from storage.atomic_dir import build_dir, file_hashes
-from storage.fs import atomic_write_bytes, atomic_write_text, join
-from storage.shards import ShardRef, read_shard, write_shard
-from tasks.students.evaluate import classification_metrics  # one scoring for teacher and students
-from tasks.teacher.infer import run_batched
-from tasks.teacher.model import (
+from slimflow.storage.atomic_dir import build_dir, file_hashes
+from slimflow.storage.fs import atomic_write_bytes, atomic_write_text, join
+from slimflow.storage.shards import ShardRef, read_shard, write_shard
+from slimflow.tasks.students.evaluate import classification_metrics  # one scoring for teacher and students
+from slimflow.tasks.teacher.infer import run_batched
+from slimflow.tasks.teacher.model import (
     ENCODER_DIR,
     FORMAT,
     HEAD_FILE,
@@ -93,7 +92,7 @@ def embed_shard(run_dir: str, ref: ShardRef, out_rel_dir: str, *, model: str = "
 
     The encoder stays loaded between calls in one process. The output records the input shard's hash and
     the encoder's weights hash as its inputs. ``truncation``: which tokens of a text over ``max_length`` are
-    read (``tasks.teacher.model.TRUNCATIONS``).
+    read (``slimflow.tasks.teacher.model.TRUNCATIONS``).
     """
     teacher = _encoder(model, cache_dir, device, dtype, threads, max_length, trust_remote_code, truncation)
     table = read_shard(run_dir, ref, columns=["id", "text", "label"])
@@ -284,7 +283,7 @@ def fit_head(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[Sh
 
 def _precision(path: str, device: str, dtype: str, cache_dir: str | None, trust_remote_code: bool) -> dict:
     """What the teacher at ``path`` runs in on ``device`` (the per-machine probe, cached: no second measurement)."""
-    from tasks.teacher.model import model_shape, resolve_device, resolve_precision
+    from slimflow.tasks.teacher.model import model_shape, resolve_device, resolve_precision
 
     return resolve_precision(dtype, resolve_device(device), model_shape(path, trust_remote_code), cache_dir)
 
@@ -314,8 +313,8 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
     ``teacher_dir/encoder`` (local paths only) and the head beside it. What makes it practical on a CPU
     (issue 16): the token embedding table frozen (``freeze_embeddings``; None: frozen on CPU, trained on GPUs),
     length-bucketed batches (``length_buckets``), autocast in the measured-fastest dtype (``dtype: auto``, see
-    ``tasks.teacher.precision``), a per-step progress bar with the running loss (``progress``), and a checkpoint
-    after every epoch in ``checkpoint_dir`` (default ``<teacher_dir>.checkpoint``) that a rerun with the same
+    ``slimflow.tasks.teacher.precision``), a per-step progress bar with the running loss (``progress``), and a
+    checkpoint after every epoch in ``checkpoint_dir`` (default ``<teacher_dir>.checkpoint``) that a rerun with the same
     inputs and settings resumes from; it is removed once the teacher is saved. ``on_epoch(epoch)`` is called
     after each epoch's checkpoint (tests stop a run there).
     """
@@ -323,16 +322,15 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
     import shutil
 
     import torch
-    from tqdm import tqdm
-
-    from tasks.teacher.infer import collate
-    from tasks.teacher.train_state import (
+    from slimflow.tasks.teacher.infer import collate
+    from slimflow.tasks.teacher.train_state import (
         bucket_batches,
         load_checkpoint,
         random_batches,
         save_checkpoint,
         trainable_state,
     )
+    from tqdm import tqdm
 
     t0 = time.perf_counter()
     labels = list(labels)
@@ -532,8 +530,8 @@ def evaluate_teacher(run_dir: str, refs: Sequence[ShardRef], teacher_dir: str, *
                      cache_dir: str | None = None, trust_remote_code: bool = False) -> dict[str, float]:
     """Accuracy, macro-F1, MCC, rows (``n``) and texts/s of the fitted teacher on labelled SEGMENT shards
     (e.g. test)."""
-    from tasks.teacher.label import label_texts
-    from tasks.teacher.model import load_teacher
+    from slimflow.tasks.teacher.label import label_texts
+    from slimflow.tasks.teacher.model import load_teacher
 
     teacher = load_teacher(teacher_dir, device=device, dtype=dtype, threads=threads, cache_dir=cache_dir,
                            trust_remote_code=trust_remote_code)

@@ -9,8 +9,8 @@ Two ways to run an int8 linear, both with per-output-channel weight scales and a
   (onednn, x86, fbgemm). On an AVX2-only EPYC its onednn kernels measured ~4x the fp32 GEMM.
 
 Which one runs is measured at the teacher's shapes (``plan``), cached per machine like the float probe
-(``tasks.teacher.precision``), and recorded. When no int8 path beats fp32 here, ``plan`` refuses with the figures:
-int8 changes the labels (a few % of hard labels flip), and it is only worth that when it is faster; a silent
+(``slimflow.tasks.teacher.precision``), and recorded. When no int8 path beats fp32 here, ``plan`` refuses with the
+figures: int8 changes the labels (a few % of hard labels flip), and it is only worth that when it is faster; a silent
 fallback to fp32 would leave a user believing they had asked for the fast path. ``dtype: auto`` never picks int8:
 whether its labels are good enough is judged by the students trained on them (bench/label.py), not by a timer.
 """
@@ -22,8 +22,8 @@ import copy
 import logging
 import warnings
 
-from tasks.teacher.model import TeacherError
-from tasks.teacher.precision import PROBE_BUDGET_S, GemmShape, cached_measure, time_gemms
+from slimflow.tasks.teacher.model import TeacherError
+from slimflow.tasks.teacher.precision import PROBE_BUDGET_S, GemmShape, cached_measure, time_gemms
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Step 2 of data distillation: the teacher labels one shard (original, augmented or unlabelled rows).
 
 ``label_shard`` is a plain function over one input shard; the flow maps it over shards (Prefect caches it
-per shard). Output rows follow ``storage.schema.LABELLED``, in input order, every input row exactly once.
+per shard). Output rows follow ``slimflow.storage.schema.LABELLED``, in input order, every input row exactly once.
 
 Several GPUs: one labelling worker per device, each with its own resident teacher (loaded once, kept between
-shards; ``tasks.teacher.model.cached_teacher`` keeps one per device) labelling its own shards, one at a time per
-device (``slot_lock``). ``assign_devices`` deals shards round-robin (in a stable order, so a rerun keeps the
+shards; ``slimflow.tasks.teacher.model.cached_teacher`` keeps one per device) labelling its own shards, one at a time
+per device (``slot_lock``). ``assign_devices`` deals shards round-robin (in a stable order, so a rerun keeps the
 assignment); the label stage runs one Prefect task per shard with the shard's device, as many at once as devices.
 """
 
@@ -15,11 +15,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-
-from storage.schema import AUGMENT, LABELLED, SEGMENT
-from storage.shards import ShardRef, read_shard, write_shard
-from tasks.teacher.infer import BATCH_RETRIES, RETRY_DELAY_S, BatchStats, FailHook, OomHook, run_batched
-from tasks.teacher.model import (
+from slimflow.storage.schema import AUGMENT, LABELLED, SEGMENT
+from slimflow.storage.shards import ShardRef, read_shard, write_shard
+from slimflow.tasks.teacher.infer import BATCH_RETRIES, RETRY_DELAY_S, BatchStats, FailHook, OomHook, run_batched
+from slimflow.tasks.teacher.model import (
     Teacher,
     TeacherError,
     load_teacher,
@@ -44,7 +43,8 @@ def label_texts(teacher: Teacher, texts: Sequence[str], *, batch_tokens: int = 1
                 retry_delay: float = RETRY_DELAY_S, stats: BatchStats | None = None) -> np.ndarray:
     """[N, len(teacher.labels)] float32 logits for ``texts`` (``MASK_PLACEHOLDER`` -> the mask token).
 
-    A failed batch is retried ``retries`` times (``tasks.teacher.infer.run_batched``); ``fail`` injects failures.
+    A failed batch is retried ``retries`` times (``slimflow.tasks.teacher.infer.run_batched``); ``fail`` injects
+    failures.
     """
     return run_batched(list(texts), teacher.encode, teacher.logits, len(teacher.labels),
                        batch_tokens=batch_tokens, device=teacher.device, pad_id=teacher.pad_id, oom=oom,
@@ -64,9 +64,9 @@ def _input_columns(table: pa.Table, kind: str) -> tuple[pa.Array, pa.Array, pa.A
 
 
 def labelled_table(table: pa.Table, kind: str, logits: np.ndarray, labels: Sequence[str]) -> pa.Table:
-    """The LABELLED table (``storage.schema.LABELLED``) for an input table of ``kind`` and its [N, C] teacher
+    """The LABELLED table (``slimflow.storage.schema.LABELLED``) for an input table of ``kind`` and its [N, C] teacher
     logits, C = ``len(labels)``: one row per input row, in input order. Shared by the offline label stage
-    (``label_table``) and online distillation (``tasks.online``), so both write the same shards."""
+    (``label_table``) and online distillation (``slimflow.tasks.online``), so both write the same shards."""
     if kind not in KINDS:
         raise TeacherError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
     ids, source_ids, texts = _input_columns(table, kind)
@@ -110,11 +110,11 @@ def label_shard(run_dir: str, in_ref: ShardRef, kind: str, teacher_dir: str, out
                 retry_delay: float = RETRY_DELAY_S) -> ShardRef:
     """Label one shard with the fitted teacher in ``teacher_dir``; write it under ``out_rel_dir``.
 
-    ``kind``: ``original`` / ``unlabelled`` read ``storage.schema.SEGMENT`` rows (``text``); ``augmented``
-    reads ``storage.schema.AUGMENT`` rows (``text_t``, mask placeholders included). The output shard keeps
+    ``kind``: ``original`` / ``unlabelled`` read ``slimflow.storage.schema.SEGMENT`` rows (``text``); ``augmented``
+    reads ``slimflow.storage.schema.AUGMENT`` rows (``text_t``, mask placeholders included). The output shard keeps
     the input's split and index (so use one ``out_rel_dir`` per kind, e.g. ``label/augmented``) and
     records the input shard's hash and the teacher's weights hash as its inputs. The teacher stays loaded
-    between calls in one process, one per device (``tasks.teacher.model.cached_teacher``). ``oom`` forces
+    between calls in one process, one per device (``slimflow.tasks.teacher.model.cached_teacher``). ``oom`` forces
     out-of-memory errors (tests); ``on_stats`` receives the batching figures (rows, forward passes, padding
     waste, OOM splits, retries, seconds). A failed batch is retried ``retries`` times with backoff from
     ``retry_delay`` s before the error propagates; ``fail`` forces transient failures (tests).

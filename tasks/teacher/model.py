@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.fs import exists, join, read_bytes
-from storage.schema import MASK_PLACEHOLDER
+from slimflow.storage.fs import exists, join, read_bytes
+from slimflow.storage.schema import MASK_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +82,24 @@ def resolve_precision(dtype: str, device, shape=None, cache_dir: str | None = No
     """What the teacher runs in on ``device``, with the reason: ``{"requested", "dtype", "device", ...}``.
 
     ``auto``: the fastest of fp32 / bf16 (fp16 too on GPUs) measured at the teacher's GEMM ``shape``
-    (``tasks.teacher.precision.probe``, cached per machine; e5-small's shape when None). ``int8``: CPU only, the
-    fastest int8 path measured (``tasks.teacher.int8.plan``), refused when none beats fp32 here. The record goes
-    into teacher.json and the label manifest.
+    (``slimflow.tasks.teacher.precision.probe``, cached per machine; e5-small's shape when None). ``int8``: CPU only,
+    the fastest int8 path measured (``slimflow.tasks.teacher.int8.plan``), refused when none beats fp32 here. The record
+    goes into teacher.json and the label manifest.
     """
     if dtype not in DTYPES:
         raise TeacherError(f"teacher.dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype in FLOAT_DTYPES:
         return {"requested": dtype, "dtype": dtype, "device": str(device)}
-    from tasks.teacher.precision import GemmShape
+    from slimflow.tasks.teacher.precision import GemmShape
 
     shape = shape or GemmShape(384, 1536)
     if dtype == "int8":
         if device.type != "cpu":
             raise TeacherError(f"teacher.dtype int8 is a CPU path; on {device} use auto (bf16 / fp16 measured there)")
-        from tasks.teacher.int8 import plan
+        from slimflow.tasks.teacher.int8 import plan
 
         return plan(shape, cache_dir=cache_dir)
-    from tasks.teacher.precision import probe
+    from slimflow.tasks.teacher.precision import probe
 
     return probe(shape, device, cache_dir=cache_dir)
 
@@ -140,14 +140,14 @@ class BaseModel:
 def resolve_base(model: str, cache_dir: str | None = None) -> BaseModel:
     """``default`` -> the converted e5 (converting it on first use); anything else is passed through."""
     if model == "default":
-        from tasks.teacher.convert import convert_e5, read_source
+        from slimflow.tasks.teacher.convert import convert_e5, read_source
 
         path = convert_e5(cache_dir)
         src = read_source(path) or {}
         return BaseModel(ref="default", path=str(path), name=src.get("name", "multilingual-e5-small"),
                          prefix=src.get("prefix", ""), source_hash=src.get("source_sha256"))
     if os.path.isdir(model):
-        from tasks.teacher.convert import read_source
+        from slimflow.tasks.teacher.convert import read_source
 
         src = read_source(model) or {}
         return BaseModel(ref=model, path=model, name=src.get("name", Path(model).name), prefix=src.get("prefix", ""),
@@ -174,7 +174,7 @@ def base_weights_hash(base: BaseModel, module=None) -> str:
     if base.source_hash:
         return base.source_hash
     if os.path.isdir(base.path):
-        from storage.hashing import sha256_file
+        from slimflow.storage.hashing import sha256_file
 
         files = sorted(p for p in Path(base.path).iterdir()
                        if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
@@ -190,9 +190,8 @@ def base_weights_hash(base: BaseModel, module=None) -> str:
 
 def model_shape(path: str, trust_remote_code: bool = False):
     """The precision probe's GEMM shape of a model directory or hub id, from its config alone (no weights)."""
+    from slimflow.tasks.teacher.precision import gemm_shape
     from transformers import AutoConfig
-
-    from tasks.teacher.precision import gemm_shape
 
     try:
         return gemm_shape(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
@@ -425,8 +424,7 @@ def head_tail(ids: list[int], budget: int, prefix: list[int] = ()) -> list[int]:
 def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autocast: bool | None,
            cache_dir: str | None = None) -> Teacher:
     import torch
-
-    from tasks.teacher.precision import gemm_shape
+    from slimflow.tasks.teacher.precision import gemm_shape
 
     set_threads(threads)  # before the probe: its figures hold for this thread count
     dev = resolve_device(device)
@@ -440,7 +438,7 @@ def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autoc
         if use_autocast:
             raise TeacherError("teacher.dtype int8 labels with a trained teacher; it cannot train one: fine-tune "
                                "with dtype auto, fp32 or bf16")
-        from tasks.teacher.int8 import quantize_linears
+        from slimflow.tasks.teacher.int8 import quantize_linears
 
         model, dt = quantize_linears(model.float(), rec["path"]), torch.qint8
     else:

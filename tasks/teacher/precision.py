@@ -7,7 +7,7 @@ ffn and back) in each candidate dtype on the device it will run on, and takes th
 per machine (host, CPU / GPU model, torch version, threads) and shape in ``<cache root>/precision.json``, so the
 probe (tens of ms) runs once per machine, and every choice is logged and recorded with its figures.
 
-int8 (``dtype: int8``, CPU only, never chosen by auto) is measured the same way, see ``tasks.teacher.int8``.
+int8 (``dtype: int8``, CPU only, never chosen by auto) is measured the same way, see ``slimflow.tasks.teacher.int8``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.fs import atomic_write_text
+from slimflow.storage.fs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def machine_id(device) -> dict:
 
 
 def cache_path(cache_dir: str | None = None) -> Path:
-    from tasks.teacher.convert import default_cache_root
+    from slimflow.tasks.teacher.convert import default_cache_root
 
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
     return root / CACHE_FILE

@@ -15,7 +15,7 @@ import io
 import logging
 import os
 
-from storage.fs import atomic_write_bytes, join
+from slimflow.storage.fs import atomic_write_bytes, join
 
 log = logging.getLogger(__name__)
 

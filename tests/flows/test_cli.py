@@ -2,8 +2,7 @@ import subprocess
 import sys
 
 import pytest
-
-from flows.cli import build_parser, main
+from slimflow.flows.cli import build_parser, main
 
 COMMANDS = [["run"], ["ingest"], ["segment"], ["augment"], ["teacher"], ["label"], ["train"], ["export"],
             ["evaluate"], ["rerun"], ["predict"], ["demo"], ["deploy"], ["data"], ["data", "export"]]
@@ -19,7 +18,7 @@ def test_every_command_explains_itself(cmd, capsys):
 
 
 def test_help_is_instant_no_heavy_imports():
-    code = "import sys; from flows.cli import build_parser; build_parser(); " \
+    code = "import sys; from slimflow.flows.cli import build_parser; build_parser(); " \
            "print(any(m in sys.modules for m in ('torch', 'prefect', 'transformers')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -1,6 +1,6 @@
 """The per-stage code versions in the cache keys cover every module a stage's tasks run."""
 
-from tasks import prefect_tasks as pt
+from slimflow.tasks import prefect_tasks as pt
 
 
 def _names(*modules: str) -> set[str]:

@@ -8,11 +8,10 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
-
-from flows.cli_ops import add_ops_commands
-from flows.config import Config
-from flows.deploy import DeployError, build_deployments, register_deployments
-from flows.pipeline import PIPELINE, STAGE_FLOWS, run_flow
+from slimflow.flows.cli_ops import add_ops_commands
+from slimflow.flows.config import Config
+from slimflow.flows.deploy import DeployError, build_deployments, register_deployments
+from slimflow.flows.pipeline import PIPELINE, STAGE_FLOWS, run_flow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +21,7 @@ def _config(tmp_path, runner=None) -> Config:
 
 
 def _entrypoint(flow) -> str:
-    return f"flows.pipeline.{flow.fn.__name__}"
+    return f"slimflow.flows.pipeline.{flow.fn.__name__}"
 
 
 def test_deployments_carry_the_config_and_follow_the_pipeline(tmp_path):
@@ -75,7 +74,7 @@ def test_prefect_yaml_declares_the_same_deployments(tmp_path):
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = spec["deployments"]
     assert {d["entrypoint"] for d in deps} == {_entrypoint(run_flow), *map(_entrypoint, STAGE_FLOWS.values())}, \
-        "prefect.yaml lists a deployment per flow in flows.pipeline: add the new stage's flow there"
+        "prefect.yaml lists a deployment per flow in slimflow.flows.pipeline: add the new stage's flow there"
     for d in deps:
         Config.model_validate(d["parameters"]["config"])
 

@@ -8,11 +8,10 @@ import time
 
 import pytest
 import yaml
-
-from storage.layout import RunLayout
-from storage.manifest import read_manifest
-from storage.shards import read_shard
-from tasks.datasets import load_rows
+from slimflow.storage.layout import RunLayout
+from slimflow.storage.manifest import read_manifest
+from slimflow.storage.shards import read_shard
+from slimflow.tasks.datasets import load_rows
 
 
 def _balanced_train_csv(tmp_path, n: int) -> None:
@@ -45,7 +44,7 @@ def _env():
 
 
 def _slimflow(*args):
-    return [sys.executable, "-m", "flows.cli", *args]
+    return [sys.executable, "-m", "slimflow.flows.cli", *args]
 
 
 def test_killed_during_segment_then_rerun_completes_exactly_once(tmp_path):

@@ -3,13 +3,12 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
-from flows.config import Config
-from flows.pipeline import StageOrderError, augment_flow, run_flow, segment_flow
-from storage.layout import RunLayout
-from storage.manifest import read_manifest
-from storage.shards import read_shard
-from tasks.datasets import load_rows
+from slimflow.flows.config import Config
+from slimflow.flows.pipeline import StageOrderError, augment_flow, run_flow, segment_flow
+from slimflow.storage.layout import RunLayout
+from slimflow.storage.manifest import read_manifest
+from slimflow.storage.shards import read_shard
+from slimflow.tasks.datasets import load_rows
 
 
 def _write(path, rows, header=("text", "label")):
@@ -119,7 +118,7 @@ def test_english_path_uses_spacy_pos(tmp_path):
 
 
 def test_rerun_one_shard_recomputes_it_and_its_dependents_only(tmp_path):
-    from flows.pipeline import rerun_stages
+    from slimflow.flows.pipeline import rerun_stages
 
     cfg, _ = _zh_config(tmp_path, None)
     out = str(tmp_path / "run")
@@ -143,8 +142,7 @@ def test_user_errors_are_not_retried(tmp_path):
     """A missing column fails the same way every time: one attempt, then the one-line error."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-
-    from storage.readers import InputError
+    from slimflow.storage.readers import InputError
 
     path = _write(tmp_path / "t.csv", [("a", "x"), ("b", "y")], header=("body", "label"))
     cfg = Config(name="no-retry", lang="zh", data={"train": path})

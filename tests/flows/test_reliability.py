@@ -9,14 +9,13 @@ import os
 
 import pytest
 import yaml
-
-from flows.cli import main
-from flows.config import Config, ConfigError, load_config
-from flows.pipeline import StageOrderError, augment_flow, run_flow
-from storage.layout import RunLayout
-from storage.manifest import read_manifest
-from storage.shards import read_shard, shard_ok
-from tasks.datasets import load_rows
+from slimflow.flows.cli import main
+from slimflow.flows.config import Config, ConfigError, load_config
+from slimflow.flows.pipeline import StageOrderError, augment_flow, run_flow
+from slimflow.storage.layout import RunLayout
+from slimflow.storage.manifest import read_manifest
+from slimflow.storage.shards import read_shard, shard_ok
+from slimflow.tasks.datasets import load_rows
 
 
 def _write_csv(path, rows):

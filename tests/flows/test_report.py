@@ -6,10 +6,9 @@ import os
 import sys
 
 import pytest
-
-from flows.config import Config
-from flows.pipeline import run_stages
-from storage.layout import RunLayout
+from slimflow.flows.config import Config
+from slimflow.flows.pipeline import run_stages
+from slimflow.storage.layout import RunLayout
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tasks", "teacher"))
 from teacher_fixtures import LABELS, WORDS, build_seqcls_dir, random_texts  # noqa: E402
@@ -23,7 +22,7 @@ def _jsonl(path, texts, labels=True):
 
 @pytest.mark.slow
 def test_report_counts_the_texts_each_model_read_truncated(tmp_path, monkeypatch):
-    from tasks.students.export import Predictor
+    from slimflow.tasks.students.export import Predictor
 
     # The students' Predictor says for itself how many texts it cuts (tasks/students); here a stand-in that
     # counts texts over 10 words, to see its figure reach the report beside the teacher's.

@@ -3,12 +3,12 @@
 import os
 
 import pytest
+from slimflow.flows.config import Config, load_config
+from slimflow.flows.pipeline import rerun_stages, run_flow
+from slimflow.storage.fs import atomic_write_text
+from slimflow.storage.layout import RunLayout
+from slimflow.storage.manifest import read_manifest
 
-from flows.config import Config, load_config
-from flows.pipeline import rerun_stages, run_flow
-from storage.fs import atomic_write_text
-from storage.layout import RunLayout
-from storage.manifest import read_manifest
 from tests.flows.test_faults import _chain_config
 
 

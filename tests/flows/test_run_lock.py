@@ -7,14 +7,13 @@ import subprocess
 import sys
 import time
 
+from slimflow.flows.cli import main
+from slimflow.storage.layout import STAGES, RunLayout
+from slimflow.storage.lock import read_holder
+from slimflow.storage.manifest import read_manifest
+from slimflow.storage.shards import shard_ok
 from test_faults import _env, _slimflow
 from test_reliability import _config_file
-
-from flows.cli import main
-from storage.layout import STAGES, RunLayout
-from storage.lock import read_holder
-from storage.manifest import read_manifest
-from storage.shards import shard_ok
 
 
 def _until(cond, what, deadline_s=240, procs=()):
@@ -69,7 +68,7 @@ def test_two_runs_on_one_directory_run_one_after_the_other(tmp_path):
 
 _HOLD = """
 import sys
-from storage.lock import run_lock
+from slimflow.storage.lock import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.read()

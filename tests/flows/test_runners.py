@@ -2,13 +2,12 @@ import csv
 
 import pytest
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
-
-from flows.config import Config, ConfigError, RunnerConfig, load_config
-from flows.pipeline import STAGE_FLOWS
-from flows.runners import gpu_tasks, shared_cluster, task_runner, with_runner
-from storage.layout import RunLayout
-from storage.manifest import read_manifest
-from tasks.datasets import load_rows
+from slimflow.flows.config import Config, ConfigError, RunnerConfig, load_config
+from slimflow.flows.pipeline import STAGE_FLOWS
+from slimflow.flows.runners import gpu_tasks, shared_cluster, task_runner, with_runner
+from slimflow.storage.layout import RunLayout
+from slimflow.storage.manifest import read_manifest
+from slimflow.tasks.datasets import load_rows
 
 STAGES = ("ingest", "segment", "augment")  # the CPU stages: enough to move every kind of shard task
 

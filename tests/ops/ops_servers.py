@@ -155,7 +155,7 @@ def postgres_database():
 
 def write_tiny_config(folder: Path, name: str, extra: str = "") -> Path:
     """~120 real Chinese reviews as CSV and a config with small shards: the whole pipeline in seconds."""
-    from tasks.datasets import load_rows
+    from slimflow.tasks.datasets import load_rows
 
     rows = load_rows("zh-reviews")
     pos = [r for r in rows if r[1] == "pos"][:60]

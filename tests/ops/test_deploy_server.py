@@ -14,9 +14,8 @@ import pytest
 from ops_servers import entrypoint, postgres_database, prefect_server, stop, wait_until, write_tiny_config
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, TaskRunSort
 from prefect.exceptions import ObjectNotFound
-
-from storage.layout import RunLayout
-from storage.manifest import read_manifest
+from slimflow.storage.layout import RunLayout
+from slimflow.storage.manifest import read_manifest
 
 NAME = "ops-test"
 CRON = "0 3 * * *"
@@ -64,7 +63,7 @@ def served(request, tmp_path_factory):
             proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         try:
             with _client(server) as client:
-                from flows.pipeline import STAGE_FLOWS
+                from slimflow.flows.pipeline import STAGE_FLOWS
 
                 def ready():
                     if proc.poll() is not None:

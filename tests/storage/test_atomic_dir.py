@@ -3,8 +3,7 @@
 import os
 
 import pytest
-
-from storage.atomic_dir import FolderMismatch, build_dir, check_hashes, file_hashes, sweep
+from slimflow.storage.atomic_dir import FolderMismatch, build_dir, check_hashes, file_hashes, sweep
 
 
 def _write(folder, files):

@@ -1,8 +1,7 @@
 import os
 
 import pytest
-
-from storage import fs
+from slimflow.storage import fs
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

@@ -10,16 +10,15 @@ import sys
 import threading
 
 import pytest
-
-from storage.fs import WriteError
-from storage.lock import LOCK_FILE, RunDirBusy, acquire, holds, read_holder, release, run_lock
+from slimflow.storage.fs import WriteError
+from slimflow.storage.lock import LOCK_FILE, RunDirBusy, acquire, holds, read_holder, release, run_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Takes the lock, says so on stdout, holds it until its stdin closes.
 _HOLDER = """
 import sys
-from storage.lock import run_lock
+from slimflow.storage.lock import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.read()
@@ -108,7 +107,7 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path):
             assert holds(str(tmp_path))
         assert holds(str(tmp_path)) and read_holder(str(tmp_path))["pid"] == os.getpid()
         # another process still sees it held
-        done = subprocess.run([sys.executable, "-c", "import sys; from storage.lock import acquire; "
+        done = subprocess.run([sys.executable, "-c", "import sys; from slimflow.storage.lock import acquire; "
                                "acquire(sys.argv[1], wait=False)", str(tmp_path)], cwd=REPO, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 1 and f"in use by pid {os.getpid()}" in done.stderr

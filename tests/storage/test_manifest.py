@@ -2,10 +2,9 @@ import os
 
 import pyarrow as pa
 import pytest
-
-from storage.manifest import Manifest, commit_manifest, read_manifest
-from storage.schema import INGEST
-from storage.shards import write_shard
+from slimflow.storage.manifest import Manifest, commit_manifest, read_manifest
+from slimflow.storage.schema import INGEST
+from slimflow.storage.shards import write_shard
 
 
 def _shard(run, i, text):

@@ -3,8 +3,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from storage.readers import BAD_BYTES, BAD_JSON, InputError, normalise_label, read_rows
+from slimflow.storage.readers import BAD_BYTES, BAD_JSON, InputError, normalise_label, read_rows
 
 
 def test_csv_with_bom_and_crlf(tmp_path):

@@ -1,8 +1,7 @@
 import pyarrow as pa
 import pytest
-
-from storage.schema import INGEST
-from storage.shards import CorruptShardError, ShardRef, read_shard, shard_ok, write_shard
+from slimflow.storage.schema import INGEST
+from slimflow.storage.shards import CorruptShardError, ShardRef, read_shard, shard_ok, write_shard
 
 
 def _table(n):

@@ -3,10 +3,9 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from storage.schema import MASK_PLACEHOLDER, SEGMENT, UNK
-from storage.shards import CorruptShardError, write_shard
-from tasks.augment import (
+from slimflow.storage.schema import MASK_PLACEHOLDER, SEGMENT, UNK
+from slimflow.storage.shards import CorruptShardError, write_shard
+from slimflow.tasks.augment import (
     AugmentParams,
     PosTable,
     augment_rows,

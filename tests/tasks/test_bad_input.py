@@ -20,11 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from flows.config import ConfigError, load_config
-from storage.readers import InputError
-from storage.shards import ShardRef, read_shard
-from tasks.ingest import IngestParams, ingest
+from slimflow.flows.config import ConfigError, load_config
+from slimflow.storage.readers import InputError
+from slimflow.storage.shards import ShardRef, read_shard
+from slimflow.tasks.ingest import IngestParams, ingest
 
 N = 40  # data rows per built file: over MIN_TRAIN_ROWS, both classes
 
@@ -217,7 +216,7 @@ def test_slimflow_ingest_on_bad_input_prints_one_error_line_and_no_traceback(tmp
     (tmp_path / "train.csv").write_bytes(_csv_text(_rows()).encode())
     cfg = _config(tmp_path, yaml.safe_dump({"name": "bad", "data": {"train": "train.csv", "labels": ["yes", "no"]}}))
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(cfg), "--out", str(tmp_path / "run")],
+    p = subprocess.run([sys.executable, "-m", "slimflow.flows.cli", "ingest", str(cfg), "--out", str(tmp_path / "run")],
                        capture_output=True, env=env, timeout=600, cwd=Path(__file__).parents[2])
     stderr = p.stderr.decode("utf-8")  # bytes: text mode would turn the bar's \r into line breaks
     assert p.returncode == 1, stderr[-3000:]
@@ -255,8 +254,8 @@ def _stdin(data: bytes):
 @pytest.mark.parametrize("batch_size", [1, 10, 256])
 @pytest.mark.parametrize("strict", [False, True])
 def test_predict_answers_every_line_in_order_and_marks_the_undecodable_ones(monkeypatch, capsys, batch_size, strict):
-    from flows.cli import main
-    from tasks.students import export
+    from slimflow.flows.cli import main
+    from slimflow.tasks.students import export
 
     monkeypatch.setattr(export, "Predictor", _StubPredictor)
     lines = [f"第{i}行 text {i}".encode() for i in range(200)]
@@ -281,7 +280,7 @@ def test_predict_answers_every_line_in_order_and_marks_the_undecodable_ones(monk
 
 @pytest.mark.parametrize("value", ["0", "-5", "ten"])
 def test_predict_refuses_a_batch_size_below_one(capsys, value):
-    from flows.cli import main
+    from slimflow.flows.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["predict", "model-dir", "--batch-size", value])

@@ -3,7 +3,7 @@
 import multiprocessing
 import os
 
-from tasks.evaluate import isolated
+from slimflow.tasks.evaluate import isolated
 
 
 def test_isolated_runs_in_another_process_and_returns_the_result():

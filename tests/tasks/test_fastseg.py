@@ -1,8 +1,7 @@
 import importlib.metadata
 
 import pytest
-
-from tasks import fastseg
+from slimflow.tasks import fastseg
 
 pytestmark = pytest.mark.skipif(not fastseg.available(), reason="rjieba not installed (optional fast path)")
 
@@ -23,8 +22,9 @@ def _reviews(step: int) -> list[str]:
 
 
 def _jieba_words(texts: list[str]) -> list[list[str]]:
-    # The reference is jieba itself, never tasks.segment: with rjieba installed tasks.segment cuts through
-    # fastseg, so comparing with it would compare fastseg with fastseg. tasks.segment drops whitespace words.
+    # The reference is jieba itself, never slimflow.tasks.segment: with rjieba installed, tasks.segment cuts
+    # through fastseg, so comparing with it would compare fastseg with fastseg. tasks.segment drops whitespace
+    # words.
     import jieba
 
     jieba.setLogLevel(60)

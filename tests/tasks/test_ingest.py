@@ -2,10 +2,9 @@ import csv
 
 import pyarrow.parquet as pq
 import pytest
-
-from storage.readers import InputError
-from storage.shards import ShardRef, read_shard
-from tasks.ingest import IngestParams, ingest, normalise_text, row_id
+from slimflow.storage.readers import InputError
+from slimflow.storage.shards import ShardRef, read_shard
+from slimflow.tasks.ingest import IngestParams, ingest, normalise_text, row_id
 
 
 def _csv(path, rows, header=("text", "label")):

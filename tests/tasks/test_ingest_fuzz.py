@@ -23,10 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from storage.readers import InputError, normalise_label
-from storage.shards import ShardRef, read_shard
-from tasks.ingest import IngestParams, ingest, normalise_text
+from slimflow.storage.readers import InputError, normalise_label
+from slimflow.storage.shards import ShardRef, read_shard
+from slimflow.tasks.ingest import IngestParams, ingest, normalise_text
 
 BAD = "\ue001"  # replaced by an undecodable byte when the file is written (never in generated text)
 MAX_CHARS = 200
@@ -301,7 +300,7 @@ def test_a_parquet_binary_text_column_is_decoded_and_bad_bytes_quarantined(tmp_p
 
 
 def test_the_teacher_mask_placeholder_in_user_text_is_not_a_mask(tmp_path):
-    from storage.schema import MASK_PLACEHOLDER
+    from slimflow.storage.schema import MASK_PLACEHOLDER
 
     train = tmp_path / "t.csv"
     train.write_text(f"text,label\na{MASK_PLACEHOLDER}b,pos\nc,neg\n", encoding="utf-8")

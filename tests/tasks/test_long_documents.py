@@ -10,10 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "teacher"))
+from slimflow.storage.shards import read_shard  # noqa: E402
+from slimflow.tasks.ingest import IngestParams, ingest  # noqa: E402
 from teacher_fixtures import LABELS, WORDS, build_seqcls_dir, random_texts  # noqa: E402
-
-from storage.shards import read_shard  # noqa: E402
-from tasks.ingest import IngestParams, ingest  # noqa: E402
 
 ARTICLE_CHARS = 200_000
 
@@ -31,7 +30,7 @@ def _article() -> str:
 @pytest.fixture(scope="module")
 def long_run(tmp_path_factory):
     """A run directory with the article in train and in test, ingested and segmented (en)."""
-    from tasks.segment import segment_shard
+    from slimflow.tasks.segment import segment_shard
 
     root = tmp_path_factory.mktemp("long")
     article = _article()
@@ -47,7 +46,7 @@ def long_run(tmp_path_factory):
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in split_rows), encoding="utf-8")
     run = str(root / "run")
     res = ingest(run, IngestParams(**{s: str(p) for s, p in paths.items()}, labels=tuple(LABELS)))
-    from storage.shards import ShardRef
+    from slimflow.storage.shards import ShardRef
 
     refs = [ShardRef.from_dict(d) for d in res["shards"]]
     seg = {r.split: segment_shard(run, r, "en", workers=1) for r in refs}
@@ -68,11 +67,11 @@ def test_the_article_is_kept_and_the_ten_megabyte_text_quarantined(long_run):
 
 
 def test_the_article_is_labelled_trained_on_and_predicted(long_run, tmp_path):
-    from tasks.students.export import Predictor, export_student
-    from tasks.students.train import train_student
-    from tasks.students.vocab import build_vocab_from_shards
-    from tasks.teacher.fit import adopt_pretrained
-    from tasks.teacher.label import label_shard
+    from slimflow.tasks.students.export import Predictor, export_student
+    from slimflow.tasks.students.train import train_student
+    from slimflow.tasks.students.vocab import build_vocab_from_shards
+    from slimflow.tasks.teacher.fit import adopt_pretrained
+    from slimflow.tasks.teacher.label import label_shard
 
     run, seg, article = long_run["run"], long_run["seg"], long_run["article"]
     teacher = str(tmp_path / "teacher")
@@ -94,8 +93,8 @@ def test_the_article_is_labelled_trained_on_and_predicted(long_run, tmp_path):
 
 
 def test_the_evaluate_figures_count_the_article_as_truncated(long_run, tmp_path):
-    from tasks.evaluate import teacher_truncated
-    from tasks.teacher.fit import adopt_pretrained
+    from slimflow.tasks.evaluate import teacher_truncated
+    from slimflow.tasks.teacher.fit import adopt_pretrained
 
     run = long_run["run"]
     teacher_dir = Path(run) / "teacher" / "model"

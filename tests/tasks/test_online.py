@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "teacher"))
+from slimflow.storage.schema import LABELLED  # noqa: E402
+from slimflow.storage.shards import read_shard  # noqa: E402
+from slimflow.tasks.online import OnlineError, OnlineLabeller, TeacherClient, find_labelled  # noqa: E402
 from teacher_fixtures import LABELS, fitted_teacher_dir, random_texts, write_augment, write_segment  # noqa: E402
-
-from storage.schema import LABELLED  # noqa: E402
-from storage.shards import read_shard  # noqa: E402
-from tasks.online import OnlineError, OnlineLabeller, TeacherClient, find_labelled  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,14 +33,14 @@ def _free_port() -> int:
 
 
 class ServiceProcess:
-    """``tasks.service.serve`` in a subprocess on ``port``; ``start`` returns once /healthz answers."""
+    """``slimflow.tasks.service.serve`` in a subprocess on ``port``; ``start`` returns once /healthz answers."""
 
     def __init__(self, teacher_dir: str, port: int):
         self.teacher_dir, self.port, self.proc = teacher_dir, port, None
         self.url = f"http://127.0.0.1:{port}"
 
     def start(self) -> ServiceProcess:
-        code = (f"from tasks.service import serve; serve({self.teacher_dir!r}, port={self.port}, "
+        code = (f"from slimflow.tasks.service import serve; serve({self.teacher_dir!r}, port={self.port}, "
                 "log_level='warning', device='cpu', dtype='fp32', threads=1)")
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 90
@@ -66,7 +65,7 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights(teacher_dir):
-    from tasks.teacher.model import read_teacher_json
+    from slimflow.tasks.teacher.model import read_teacher_json
 
     return read_teacher_json(teacher_dir)["weights_hash"]
 
@@ -81,9 +80,9 @@ def _run(tmp_path, n_shards=4, rows=30):
 
 
 def _train(run_dir, refs, dev, out="train/bilstm-distilled"):
-    from storage.fs import join
-    from tasks.students.train import train_student
-    from tasks.students.vocab import build_vocab_from_shards
+    from slimflow.storage.fs import join
+    from slimflow.tasks.students.train import train_student
+    from slimflow.tasks.students.vocab import build_vocab_from_shards
 
     vocab = build_vocab_from_shards(run_dir, [r for k, r in _INPUTS[run_dir] if k == "original"])
     return train_student(run_dir, kind="bilstm", mode="distilled", train_refs=refs, dev_refs=[dev], vocab=vocab,
@@ -109,7 +108,7 @@ class GatedClient(TeacherClient):
 
 
 def test_killed_service_restarts_and_training_finishes(tmp_path, teacher_dir, weights):
-    from tasks.teacher.label import label_shard
+    from slimflow.tasks.teacher.label import label_shard
 
     run_dir, inputs, dev = _run(tmp_path)
     _INPUTS[run_dir] = inputs
@@ -168,7 +167,7 @@ def test_service_down_fails_clearly_after_retries(tmp_path, weights):
 
 
 def test_wrong_teacher_is_refused(tmp_path, teacher_dir):
-    from tasks.service import create_app
+    from slimflow.tasks.service import create_app
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_service import ServerThread

@@ -1,6 +1,5 @@
 import pytest
-
-from tasks.segment import segment_parallel, segment_texts, tokenize
+from slimflow.tasks.segment import segment_parallel, segment_texts, tokenize
 
 ZH = ["这本书很好看，推荐！ 真的 OK 123", "质量太差了，不推荐购买。", "物流很快，包装也好"]
 

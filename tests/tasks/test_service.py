@@ -17,9 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "teacher"))
+from slimflow.tasks.service import Limits, ServiceError, check_bind, create_app  # noqa: E402
 from teacher_fixtures import LABELS, fitted_teacher_dir, random_texts  # noqa: E402
-
-from tasks.service import Limits, ServiceError, check_bind, create_app  # noqa: E402
 
 
 class ServerThread:
@@ -76,8 +75,8 @@ def server(teacher_dir):
 
 
 def test_answers_match_offline_labelling(server, teacher_dir):
-    from tasks.teacher.label import label_texts
-    from tasks.teacher.model import load_teacher
+    from slimflow.tasks.teacher.label import label_texts
+    from slimflow.tasks.teacher.model import load_teacher
 
     texts = random_texts(12, seed=3) + ["", "   ", "the \x00 movie \x07"]
     r = httpx.post(f"{server.url}/v1/logits", json={"texts": texts})
@@ -126,8 +125,8 @@ def test_concurrent_requests_are_coalesced(teacher_dir):
 
 
 def test_oom_inside_a_batch_is_split_and_answered(teacher_dir):
-    from tasks.teacher.label import label_texts
-    from tasks.teacher.model import load_teacher
+    from slimflow.tasks.teacher.label import label_texts
+    from slimflow.tasks.teacher.model import load_teacher
 
     texts = random_texts(10, seed=5)
     with _serve(teacher_dir, oom=lambda rows, width: rows > 1) as s:

@@ -17,11 +17,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "teacher"))
 sys.path.insert(0, str(Path(__file__).parent))
+from slimflow.flows.cli import main  # noqa: E402
+from slimflow.tasks.service import Limits, ServiceError, create_app  # noqa: E402
 from teacher_fixtures import fitted_teacher_dir, random_texts  # noqa: E402
 from test_service import ServerThread  # noqa: E402
-
-from flows.cli import main  # noqa: E402
-from tasks.service import Limits, ServiceError, create_app  # noqa: E402
 
 TIMEOUT_S = 2.0
 PARTIAL = (b"POST /v1/logits HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
@@ -49,11 +48,11 @@ class _Records(logging.Handler):
 @pytest.fixture
 def logs():
     handler = _Records()
-    names = ("tasks.service", "uvicorn.error", "uvicorn")
+    names = ("slimflow.tasks.service", "uvicorn.error", "uvicorn")
     levels = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).addHandler(handler)
-    logging.getLogger("tasks.service").setLevel(logging.INFO)
+    logging.getLogger("slimflow.tasks.service").setLevel(logging.INFO)
     yield handler
     for n in names:
         logging.getLogger(n).removeHandler(handler)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from storage.schema import LABELLED, SEGMENT
-from storage.shards import write_shard
+from slimflow.storage.schema import LABELLED, SEGMENT
+from slimflow.storage.shards import write_shard
 
 LABELS = ["neg", "pos"]
 FILLER = [f"w{i}" for i in range(30)]

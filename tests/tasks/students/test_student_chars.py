@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from storage.schema import MASK_PLACEHOLDER, PAD, UNK
-from tasks.students.chars import CharEncoder, char_string
-from tasks.students.vocab import PAD_ID, UNK_ID, Vocab
+from slimflow.storage.schema import MASK_PLACEHOLDER, PAD, UNK
+from slimflow.tasks.students.chars import CharEncoder, char_string
+from slimflow.tasks.students.vocab import PAD_ID, UNK_ID, Vocab
 
 # Han characters, Latin with case, digits, whitespace of several kinds, emoji beyond the BMP, the placeholder.
 ALPHABET = list("好差很不太了的是") + list("aBcD19") + [" ", "\t", "\u3000", "\n"] + ["😀", "𠀀", MASK_PLACEHOLDER]
@@ -58,7 +57,7 @@ def test_vectorised_encoder_equals_reference(corpus, batch, max_chars, lowercase
 
 
 def test_hash_table_finds_every_token_through_collisions():
-    from tasks.students.chars import _key, _slot
+    from slimflow.tasks.students.chars import _key, _slot
 
     rng = np.random.default_rng(0)
     han = [chr(c) for c in range(0x4E00, 0x4E00 + 300)]

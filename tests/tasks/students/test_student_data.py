@@ -1,11 +1,10 @@
 from collections import Counter
 
 import pytest
-
-from storage.schema import LABELLED, SEGMENT
-from storage.shards import CorruptShardError, write_shard
-from tasks.students.data import NO_LABEL, ShardStream
-from tasks.students.vocab import Vocab
+from slimflow.storage.schema import LABELLED, SEGMENT
+from slimflow.storage.shards import CorruptShardError, write_shard
+from slimflow.tasks.students.data import NO_LABEL, ShardStream
+from slimflow.tasks.students.vocab import Vocab
 
 LABELS = ["neg", "pos"]
 VOCAB = Vocab.build([["好", "差"] + [f"w{i}" for i in range(30)]])

@@ -3,12 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from storage.schema import SEGMENT
-from storage.shards import write_shard
-from tasks.students.export import Predictor, export_student, predict_lines
-from tasks.students.train import load_student, train_student
-from tasks.students.vocab import Vocab
+from slimflow.storage.schema import SEGMENT
+from slimflow.storage.shards import write_shard
+from slimflow.tasks.students.export import Predictor, export_student, predict_lines
+from slimflow.tasks.students.train import load_student, train_student
+from slimflow.tasks.students.vocab import Vocab
 
 KINDS = ["bow", "cnn", "bilstm"]
 LABELS = ["neg", "pos"]
@@ -94,8 +93,8 @@ def _snapshot(folder) -> dict:
 def test_export_records_every_file_and_the_predictor_refuses_a_tampered_one(tmp_path, exported):
     import shutil
 
-    from storage.atomic_dir import FolderMismatch
-    from storage.hashing import sha256_file
+    from slimflow.storage.atomic_dir import FolderMismatch
+    from slimflow.storage.hashing import sha256_file
 
     export_dir = tmp_path / "bow"
     shutil.copytree(exported["bow"][1], export_dir)
@@ -119,8 +118,8 @@ def test_a_killed_export_leaves_the_previous_folder_whole_and_the_rerun_redoes_i
     import os
     import shutil
 
-    import tasks.students.export as ex
-    from storage.atomic_dir import sweep
+    import slimflow.tasks.students.export as ex
+    from slimflow.storage.atomic_dir import sweep
 
     train_dir = exported["cnn"][0]
     export_dir = tmp_path / "export" / "cnn"

@@ -2,9 +2,8 @@ import math
 
 import pytest
 import torch
-
-from tasks.students import losses
-from tasks.students.losses import LOSSES, compute_loss, register_loss
+from slimflow.tasks.students import losses
+from slimflow.tasks.students.losses import LOSSES, compute_loss, register_loss
 
 S = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
 T = torch.tensor([[2.0, 0.0], [1.0, -1.0]])

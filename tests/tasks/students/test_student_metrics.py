@@ -1,8 +1,7 @@
 import math
 
 import pytest
-
-from tasks.students.evaluate import (
+from slimflow.tasks.students.evaluate import (
     accuracy,
     classification_metrics,
     confusion,

@@ -1,8 +1,7 @@
 import pytest
 import torch
+from slimflow.tasks.students.models import STUDENTS, build_student, register_student, student_class
 from torch import nn
-
-from tasks.students.models import STUDENTS, build_student, register_student, student_class
 
 KINDS = ["bow", "cnn", "bilstm"]
 

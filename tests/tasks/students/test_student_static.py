@@ -8,12 +8,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "teacher"))
+from slimflow.storage.schema import LABELLED, SEGMENT  # noqa: E402
+from slimflow.storage.shards import write_shard  # noqa: E402
+from slimflow.tasks.students.static import pca, static_vectors  # noqa: E402
+from slimflow.tasks.students.vocab import Vocab, build_vocab_from_shards  # noqa: E402
 from teacher_fixtures import WORDS, build_seqcls_dir  # noqa: E402
-
-from storage.schema import LABELLED, SEGMENT  # noqa: E402
-from storage.shards import write_shard  # noqa: E402
-from tasks.students.static import pca, static_vectors  # noqa: E402
-from tasks.students.vocab import Vocab, build_vocab_from_shards  # noqa: E402
 
 LABELS = ["neg", "pos"]
 POS, NEG = ["good", "great", "nice", "fine"], ["bad", "awful", "poor", "sad"]
@@ -22,7 +21,7 @@ FILL = [w for w in WORDS if w not in POS + NEG]
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    from tasks.teacher.model import load_base_teacher
+    from slimflow.tasks.teacher.model import load_base_teacher
 
     path = build_seqcls_dir(tmp_path_factory.mktemp("tiny") / "bert", seed=1)
     return load_base_teacher(path, device="cpu", dtype="fp32", threads=1)
@@ -98,7 +97,7 @@ def test_pca_matches_numpy_svd_up_to_sign():
 
 
 def test_teacher_init_is_used_and_changes_the_first_epoch(encoder, tmp_path):
-    from tasks.students.train import train_student
+    from slimflow.tasks.students.train import train_student
 
     run_dir = str(tmp_path / "run")
     train, dev = _shards(run_dir)

@@ -6,12 +6,11 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from storage.schema import LABELLED, MASK_PLACEHOLDER, PAD, UNK
-from storage.shards import write_shard
-from tasks.students.data import ShardStream
-from tasks.students.tokens import word_tokens
-from tasks.students.vocab import UNK_ID, Vocab, tokenizer_path
+from slimflow.storage.schema import LABELLED, MASK_PLACEHOLDER, PAD, UNK
+from slimflow.storage.shards import write_shard
+from slimflow.tasks.students.data import ShardStream
+from slimflow.tasks.students.tokens import word_tokens
+from slimflow.tasks.students.vocab import UNK_ID, Vocab, tokenizer_path
 
 LABELS = ["neg", "pos"]
 TEXTS = {
@@ -64,8 +63,8 @@ def test_training_rows_and_served_text_read_identical_ids(tmp_path, unit, lang):
                          max_len=32, shuffle=False)
     (batch,) = list(stream.epoch(0))
 
-    from tasks.students.export import Predictor, export_model
-    from tasks.students.models import build_student
+    from slimflow.tasks.students.export import Predictor, export_model
+    from slimflow.tasks.students.models import build_student
 
     model = build_student("bow", len(vocab), 2, embed_dim=4, hidden=4)
     cfg = {"kind": "bow", "vocab_size": len(vocab), "num_classes": 2, "embed_dim": 4, "hidden": 4, "dropout": 0.0,
@@ -136,14 +135,14 @@ def test_token_counts_say_which_texts_max_len_cuts(unit, lang):
 def test_predict_path_imports_no_spacy_pipeline(tmp_path):
     """Serving an English student never loads spaCy (its tagger cost what the teacher does, issue 11)."""
     vocab = _vocab("words", "en", TEXTS["en"])
-    from tasks.students.export import export_model
-    from tasks.students.models import build_student
+    from slimflow.tasks.students.export import export_model
+    from slimflow.tasks.students.models import build_student
 
     model = build_student("bilstm", len(vocab), 2, embed_dim=4, hidden=4)
     cfg = {"kind": "bilstm", "vocab_size": len(vocab), "num_classes": 2, "embed_dim": 4, "hidden": 4,
            "dropout": 0.0, "max_len": 32, "lowercase": True}
     export_model(model, vocab, LABELS, cfg, str(tmp_path / "export"), lang="en")
-    code = ("import sys; from tasks.students.export import predict_lines; "
+    code = ("import sys; from slimflow.tasks.students.export import predict_lines; "
             f"out = list(predict_lines({str(tmp_path / 'export')!r}, ['a great film', 'bad'])); "
             "assert len(out) == 2, out; "
             "bad = [m for m in sys.modules if m == 'spacy' or m.startswith(('spacy.', 'en_core_web'))]; "

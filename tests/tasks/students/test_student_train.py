@@ -2,9 +2,8 @@ import json
 
 import pytest
 import torch
-
-from tasks.students.train import evaluate_student, load_student, train_student
-from tasks.students.vocab import build_vocab_from_shards
+from slimflow.tasks.students.train import evaluate_student, load_student, train_student
+from slimflow.tasks.students.vocab import build_vocab_from_shards
 
 LABELS = ["neg", "pos"]
 
@@ -131,7 +130,7 @@ def test_bad_arguments_raise_before_work(data, tmp_path):
 
 
 def test_a_result_is_trusted_only_with_the_files_it_went_with(data, tmp_path):
-    from storage.atomic_dir import FolderMismatch
+    from slimflow.storage.atomic_dir import FolderMismatch
 
     out = tmp_path / "s"
     kw = {"kind": "bow", "mode": "baseline", "epochs": 2, "dropout": 0.0}

@@ -1,7 +1,6 @@
 import pytest
-
-from storage.schema import PAD, UNK
-from tasks.students.vocab import PAD_ID, UNK_ID, Vocab, build_vocab_from_shards, pad_batch
+from slimflow.storage.schema import PAD, UNK
+from slimflow.tasks.students.vocab import PAD_ID, UNK_ID, Vocab, build_vocab_from_shards, pad_batch
 
 
 def test_build_orders_by_count_then_word_and_applies_min_count_and_max_size():

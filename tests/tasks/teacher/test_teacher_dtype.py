@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from slimflow.storage.shards import read_shard
+from slimflow.tasks.teacher import int8, precision
+from slimflow.tasks.teacher.label import label_precision, label_shard
+from slimflow.tasks.teacher.model import TeacherError, load_teacher, resolve_dtype, resolve_precision
+from slimflow.tasks.teacher.precision import GemmShape, probe
 from teacher_fixtures import random_texts, write_segment
-
-from storage.shards import read_shard
-from tasks.teacher import int8, precision
-from tasks.teacher.label import label_precision, label_shard
-from tasks.teacher.model import TeacherError, load_teacher, resolve_dtype, resolve_precision
-from tasks.teacher.precision import GemmShape, probe
 
 SHAPE = GemmShape(hidden=32, ffn=64, tokens=16)
 
@@ -145,9 +144,8 @@ def test_int8_labels_end_to_end(tmp_path, fitted_dir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def fitted_dir(tmp_path_factory, tiny_model_dir):
+    from slimflow.tasks.teacher.fit import adopt_pretrained
     from teacher_fixtures import LABELS
-
-    from tasks.teacher.fit import adopt_pretrained
 
     d = str(tmp_path_factory.mktemp("teacher"))
     adopt_pretrained(d, labels=LABELS, model=tiny_model_dir)

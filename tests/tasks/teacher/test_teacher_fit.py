@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from teacher_fixtures import LABELS, build_seqcls_dir, random_texts, write_segment
-
-from storage.shards import read_shard, write_shard
-from tasks.teacher.fit import (
+from slimflow.storage.shards import read_shard, write_shard
+from slimflow.tasks.teacher.fit import (
     EMBED,
     adopt_pretrained,
     embed_shard,
@@ -22,8 +20,9 @@ from tasks.teacher.fit import (
     map_labels,
     record_metrics,
 )
-from tasks.teacher.label import label_shard
-from tasks.teacher.model import TeacherError, load_teacher
+from slimflow.tasks.teacher.label import label_shard
+from slimflow.tasks.teacher.model import TeacherError, load_teacher
+from teacher_fixtures import LABELS, build_seqcls_dir, random_texts, write_segment
 
 
 def _blobs(n, d=16, k=3, seed=0, sep=3.0):
@@ -146,8 +145,8 @@ def _tree(folder) -> dict:
 def test_a_teacher_save_killed_midway_leaves_the_previous_teacher_whole(tmp_path, tiny_model_dir, monkeypatch):
     import os
 
-    import tasks.teacher.fit as fit
-    from storage.hashing import sha256_file
+    import slimflow.tasks.teacher.fit as fit
+    from slimflow.storage.hashing import sha256_file
 
     texts = [f"the {w} movie" for w in ["good", "bad"] * 16]
     labels = ["pos", "neg"] * 16
@@ -258,8 +257,7 @@ def torch_equal(a, b) -> bool:
 
 def test_length_buckets_pad_less_and_keep_every_row():
     import torch
-
-    from tasks.teacher.train_state import bucket_batches, random_batches
+    from slimflow.tasks.teacher.train_state import bucket_batches, random_batches
 
     rng = np.random.default_rng(1)
     lengths = rng.integers(3, 120, size=1000).tolist()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from tasks.teacher.infer import BatchStats, collate, plan_batches, run_batched
+from slimflow.tasks.teacher.infer import BatchStats, collate, plan_batches, run_batched
 
 
 @pytest.mark.parametrize("n,budget", [(1, 8), (50, 64), (500, 256), (300, 1000)])

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from slimflow.storage.schema import LABELLED, MASK_PLACEHOLDER
+from slimflow.storage.shards import ShardRef, read_shard
+from slimflow.tasks.teacher.fit import adopt_pretrained
+from slimflow.tasks.teacher.label import assign_devices, label_shard
+from slimflow.tasks.teacher.model import load_teacher
 from teacher_fixtures import LABELS, random_texts, write_augment, write_segment
-
-from storage.schema import LABELLED, MASK_PLACEHOLDER
-from storage.shards import ShardRef, read_shard
-from tasks.teacher.fit import adopt_pretrained
-from tasks.teacher.label import assign_devices, label_shard
-from tasks.teacher.model import load_teacher
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +117,7 @@ def test_wrong_kind_is_a_clear_error(tmp_path, teacher_dir):
 def test_resident_teachers_one_per_device_are_not_reloaded_between_shards(tmp_path, teacher_dir, monkeypatch):
     """Two labelling "devices" (CPU standing in for cuda:0 and cuda:1, as assign_devices plans them) take shards
     in turn: each keeps its own teacher, so each loads once however the shards interleave (issue 16)."""
-    from tasks.teacher import model
+    from slimflow.tasks.teacher import model
 
     real_resolve, real_load = model.resolve_device, model._load_teacher
     monkeypatch.setattr(model, "resolve_device", lambda d: torch.device("cpu") if d.startswith("cuda") else

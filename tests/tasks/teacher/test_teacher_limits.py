@@ -3,11 +3,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from slimflow.tasks.teacher.fit import adopt_pretrained  # noqa: E402
+from slimflow.tasks.teacher.label import label_texts  # noqa: E402
+from slimflow.tasks.teacher.model import load_teacher  # noqa: E402
 from teacher_fixtures import build_seqcls_dir  # noqa: E402
-
-from tasks.teacher.fit import adopt_pretrained  # noqa: E402
-from tasks.teacher.label import label_texts  # noqa: E402
-from tasks.teacher.model import load_teacher  # noqa: E402
 
 
 def test_max_length_is_capped_at_the_model_positions(tmp_path):

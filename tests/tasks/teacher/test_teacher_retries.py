@@ -7,12 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from slimflow.storage.shards import read_shard
+from slimflow.tasks.teacher.fit import adopt_pretrained
+from slimflow.tasks.teacher.infer import BatchStats, TransientTeacherError, is_transient, run_batched
+from slimflow.tasks.teacher.label import label_shard
 from teacher_fixtures import LABELS, random_texts, write_segment
-
-from storage.shards import read_shard
-from tasks.teacher.fit import adopt_pretrained
-from tasks.teacher.infer import BatchStats, TransientTeacherError, is_transient, run_batched
-from tasks.teacher.label import label_shard
 
 CPU = torch.device("cpu")
 

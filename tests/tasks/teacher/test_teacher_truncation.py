@@ -4,12 +4,11 @@ al. 2019), with the tokenizer's own specials around them; the teacher counts the
 import json
 
 import pytest
+from slimflow.storage.schema import MASK_PLACEHOLDER
+from slimflow.tasks.teacher.fit import adopt_pretrained
+from slimflow.tasks.teacher.label import label_texts
+from slimflow.tasks.teacher.model import Teacher, TeacherError, head_tail, load_teacher
 from teacher_fixtures import LABELS, WORDS, build_tokenizer
-
-from storage.schema import MASK_PLACEHOLDER
-from tasks.teacher.fit import adopt_pretrained
-from tasks.teacher.label import label_texts
-from tasks.teacher.model import Teacher, TeacherError, head_tail, load_teacher
 
 
 def _sentence_tokenizer():
