@@ -260,6 +260,11 @@ def format_validation_error(e: ValidationError, source: str) -> str:
         lines.append(f"{loc}: {msg}")
     return f"invalid config {source}: " + "; ".join(lines)  # one line, as every CLI error
 
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict | None = None) -> Config:
+        """The config in a YAML file, relative data paths resolved against its folder (``load_config``)."""
+        return load_config(path, overrides)
+
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:
     """Load a YAML config; relative data paths are resolved against the file's folder."""

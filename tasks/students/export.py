@@ -210,10 +210,11 @@ class Predictor:
             out.append(_softmax(self.logits_encoded(*self.encode(chunk))))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
-    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """(labels, probabilities) of raw texts: the best label of each, and the [N, C] probabilities with
+        columns in ``self.labels`` order."""
         probs = self.predict_proba(texts)
-        best = probs.argmax(-1)
-        return [(self.labels[k], float(probs[i, k])) for i, k in enumerate(best)]
+        return [self.labels[k] for k in probs.argmax(-1)], probs
 
 
 def _read_export(model_dir: str, backend: str) -> tuple[dict, str, Vocab, list[str], bytes]:
@@ -283,7 +284,8 @@ def predict_lines(model_dir: str, lines: Iterable[str | bytes], *, batch_size: i
 
     def flush() -> Iterator[str]:
         good = [text for text, why in chunk if why is None]
-        answers = iter(predictor.predict(good) if good else [])
+        labels, probs = predictor.predict(good) if good else ([], None)
+        answers = iter((lab, float(probs[i].max())) for i, lab in enumerate(labels))
         for text, why in chunk:
             # A tab inside the text would shift the columns: show it as a space.
             shown = text.replace(chr(9), " ")

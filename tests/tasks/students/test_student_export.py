@@ -64,8 +64,10 @@ def test_predictor_backends_agree_and_map_text_to_labels(exported, kind):
     # auto: TorchScript's embedding_bag for a BOW, onnxruntime for the others
     assert p_onnx.backend == "onnx" and Predictor(export_dir).backend == ("torchscript" if kind == "bow" else "onnx")
     np.testing.assert_allclose(p_onnx.predict_proba(texts), p_ts.predict_proba(texts), atol=1e-5)
-    preds = p_onnx.predict(texts)
-    assert len(preds) == 6 and all(label in LABELS and 0.5 <= conf <= 1.0 for label, conf in preds)
+    labels, probs = p_onnx.predict(texts)
+    assert len(labels) == 6 and set(labels) <= set(LABELS) and probs.shape == (6, len(LABELS))
+    # each label is its row's most probable class, in p.labels' column order
+    assert labels == [p_onnx.labels[k] for k in probs.argmax(-1)] and np.allclose(probs.sum(-1), 1, atol=1e-5)
 
 
 def test_predict_lines_writes_one_tsv_line_per_input(exported):
