@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The student kinds (tasks/students/models.py): `students` and `student.char_students` name them.
-StudentKind = Literal["bow", "cnn", "bilstm"]
+StudentKind = Literal["bow", "cnn", "bilstm", "transformer"]
 
 
 class ConfigError(ValueError):
@@ -163,6 +163,8 @@ class StudentConfig(_Section):
 
     def unit_of(self, kind: str, lang: str) -> str:
         """The token unit student ``kind`` reads: ``words``, ``chars`` or ``subword``."""
+        if kind == "transformer":  # the teacher's own layers read the teacher's own pieces
+            return "subword"
         if kind in self.units:
             return self.units[kind]
         if self.unit != "auto":
@@ -190,6 +192,57 @@ class DistillConfig(_Section):
     retries: int = Field(5, ge=0, description="online: failed attempts of one request before the training fails")
 
 
+# tasks/students/losses.py: LOSSES (on logits) and FEATURE_LOSSES (layer to layer); kept here as names so loading a
+# config does not import torch.
+TransformerLoss = Literal["mse", "kl", "ce", "hidden_mse", "attention_mse", "pkd"]
+
+
+class TransformerConfig(_Section):
+    """The ``transformer`` student (issue 15): teacher layers over the teacher's vocabulary trimmed to the corpus,
+    distilled with logit and layer-to-layer losses (tasks/students/transformer*.py, losses.py)."""
+
+    # DistilBERT / PKD initialise from teacher layers; 4 of e5-small's 12, every third (TinyBERT's i*k + k-1).
+    layers: list[int] = Field([2, 5, 8, 11], description="teacher layers (0-based) that initialise the student's")
+    # name -> weight. Logit losses on the teacher's logits: mse | kl (times T^2) | ce; feature losses against the
+    # teacher run alongside: hidden_mse (TinyBERT), attention_mse (TinyBERT, pre-softmax scores), pkd (BERT-PKD,
+    # weight 10-500 in the paper on [CLS]; here on mean-pooled states).
+    losses: dict[TransformerLoss, float] = Field({"kl": 1.0}, description="loss name -> weight: mse | kl | ce | "
+                                                 "hidden_mse | attention_mse | pkd")
+    temperature: float = Field(1.0, gt=0, description="kl temperature (TinyBERT's prediction stage: 1)")
+    temperature_schedule: Literal["constant", "linear_decay", "linear_growth", "flsw", "cwsm"] = Field(
+        "constant", description="linear_*: between `temperature` and 1 over training; flsw / cwsm: TextBrewer's "
+        "per-row dynamic temperatures")
+    hard_label_weight: float = Field(0.0, ge=0, description="weight of CE on the hard label (gold, else teacher's)")
+    hard_label_weight_schedule: Literal["constant", "linear_decay", "linear_growth"] = "constant"
+    kd_weight_schedule: Literal["constant", "linear_decay", "linear_growth"] = Field(
+        "constant", description="multiplies the logit losses' weights over training (TextBrewer's kd_loss_weight)")
+    method: Literal["distill", "theseus"] = Field(
+        "distill", description="distill: the losses above; theseus: BERT-of-Theseus module replacement (logit "
+        "losses only)")
+    # Xu et al. 2020: the rate rises linearly from 0.1 with slope ~6e-4 per step, or stays at 0.7 (constant).
+    theseus_rate: float = Field(0.3, ge=0, le=1, description="theseus: replacement rate at step 0")
+    theseus_slope: float = Field(6e-4, ge=0, description="theseus: added to the rate per step (0: constant)")
+    max_len: int = Field(128, gt=0, description="subword pieces per text (plus [CLS], [SEP])")
+    epochs: int = Field(3, ge=1)
+    patience: int = Field(1, ge=1, description="epochs without dev improvement before stopping")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate (TinyBERT task stage: 5e-5 to 1e-4)")
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of steps with a linear learning-rate warmup")
+    weight_decay: float = Field(0.01, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    shuffle_buffer: int = Field(10000, gt=0)
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (bf16 autocast on GPUs)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: all cores")
+
+    @field_validator("losses")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in v.values()) or not any(w > 0 for w in v.values()):
+            raise ValueError(f"weights must be >= 0 with at least one > 0, e.g. {{kl: 1.0}}; got {v}")
+        return v
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -204,6 +257,7 @@ class Config(_Section):
     students: list[StudentKind] = Field(["bow", "bilstm"])
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
+    transformer: TransformerConfig = TransformerConfig()
     runner: RunnerConfig = Field(default_factory=lambda: RunnerConfig())
 
     @field_validator("name")

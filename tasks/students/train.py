@@ -115,7 +115,8 @@ def train_student(run_dir: str, *, kind: str, mode: Mode, train_refs: list[Shard
                   max_len: int = 128, epochs: int = 10, patience: int = 2, batch_size: int = 64,
                   optimizer: str = "adam", lr: float | None = None, shuffle_buffer: int = 10000, seed: int = 0,
                   threads: int | None = 1, progress: bool | None = None,
-                  on_epoch_end: Callable[[dict], None] | None = None, init_vectors=None) -> dict:
+                  on_epoch_end: Callable[[dict], None] | None = None, init_vectors=None,
+                  transformer: dict | None = None, teacher_dir: str | None = None) -> dict:
     """Train a ``kind`` student and return ``{"best_dev_accuracy", "best_epoch", "epochs_run", "checkpoint",
     "out_dir", "history", "params", ...}``.
 
@@ -130,7 +131,17 @@ def train_student(run_dir: str, *, kind: str, mode: Mode, train_refs: list[Shard
     on the 2-core box 2 threads trained 2-7x slower than 1 (measured while other work shared the CPU).
     """
     kwargs = dict(locals())  # first statement: exactly the arguments
-    del kwargs["run_dir"], kwargs["threads"]
+    del kwargs["run_dir"], kwargs["threads"], kwargs["transformer"], kwargs["teacher_dir"]
+    if kind == "transformer":  # the teacher's own layers (issue 15): tasks/students/transformer_train.py
+        if transformer is None or teacher_dir is None:
+            raise ValueError("kind 'transformer' needs the config's transformer section and the fitted teacher_dir")
+        from slimflow.tasks.students.transformer_train import train_transformer
+
+        # Its own threads setting: big matrix products split well over cores, unlike the small students' ops.
+        with _num_threads(transformer.get("threads")):
+            return train_transformer(run_dir, mode=mode, train_refs=train_refs, dev_refs=dev_refs, vocab=vocab,
+                                     labels=labels, out_dir=out_dir, teacher_dir=teacher_dir, settings=transformer,
+                                     progress=progress, on_epoch_end=on_epoch_end)
     with _num_threads(threads):
         return _train(run_dir, **kwargs)
 
@@ -322,6 +333,12 @@ def load_student(train_dir: str):
         check_hashes(train_dir, files, fix)
     state = _load(join(train_dir, "best.pt"))
     cfg = state["config"]
+    if cfg["kind"] == "transformer":
+        from slimflow.tasks.students.transformer import build_from_config
+
+        model = build_from_config(cfg)
+        model.load_state_dict(state["model"])
+        return model.eval(), Vocab.load(join(train_dir, "vocab.json")), list(state["labels"]), cfg
     model = student_class(cfg["kind"])(cfg["vocab_size"], cfg["num_classes"], embed_dim=cfg["embed_dim"],
                                        hidden=cfg["hidden"], dropout=cfg["dropout"])
     model.load_state_dict(state["model"])

@@ -1,0 +1,317 @@
+"""The transformer student (issue 15): built from a tiny random BERT teacher made here (4 layers, a WordPiece
+vocabulary whose pieces split the fixture's words), its layer maps, trimmed vocabulary, losses and training."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from slimflow.flows.config import TransformerConfig
+from slimflow.tasks.students.losses import (
+    attention_mse,
+    hidden_mse,
+    kl,
+    pkd,
+    scheduled_temperature,
+    scheduled_weight,
+    transformer_loss,
+)
+from slimflow.tasks.students.train import load_student, train_student
+from slimflow.tasks.students.transformer import (
+    check_layers,
+    from_teacher,
+    layer_maps,
+    teacher_rows,
+    theseus_modules,
+)
+from slimflow.tasks.students.vocab import Vocab, build_vocab_from_shards
+
+LABELS = ["neg", "pos"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# "w17" -> w ##1 ##7; no "##9": every word holding a 9 is [UNK] to the teacher, and so to the student.
+PIECES = ["好", "差", "w"] + [f"##{d}" for d in range(9)]
+
+
+def wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + PIECES)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """(fitted teacher dir, the BERT, the tokenizers.Tokenizer JSON): a 4-layer random BERT, `fit: none`."""
+    from slimflow.tasks.teacher.fit import adopt_pretrained
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    tok = wordpiece_tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                        id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    teacher_dir = str(root / "teacher")
+    adopt_pretrained(teacher_dir, labels=LABELS, model=str(root / "bert"), device="cpu", dtype="fp32")
+    return teacher_dir, model, tok.backend_tokenizer.to_str()
+
+
+def _tok(tok_json):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tok_json)
+
+
+TEXTS = ["好 w12 w3", "差 w9 w19 w0", "w88 好 差 w7", "", "w1 w2 w3 w4 w5 w6 w7 w8 w10 w11 w12"]
+
+
+def test_student_with_every_teacher_layer_computes_the_teachers_states(teacher):
+    _, bert, tok_json = teacher
+    vocab = Vocab.from_texts(TEXTS, unit="subword", lang="en", tokenizer=tok_json)
+    student, cfg = from_teacher(bert, _tok(tok_json), vocab.itos, 2, layers=range(4), max_len=32, dropout=0.0)
+    student.eval()
+    ids, lengths = vocab.encode_texts(TEXTS, 32)
+    feats = student.features(torch.from_numpy(ids), torch.from_numpy(lengths))
+    enc = [_tok(tok_json).encode(t).ids for t in TEXTS]
+    width = max(map(len, enc))
+    input_ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+    mask = (torch.arange(width)[None] < torch.tensor([len(e) for e in enc])[:, None]).long()
+    with torch.no_grad():
+        out = bert.bert(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    assert feats.mask.sum(1).tolist() == [len(e) for e in enc]
+    for k in (0, 2, 4):  # embeddings, a middle layer, the last
+        for i, e in enumerate(enc):
+            torch.testing.assert_close(feats.hidden[k][i, : len(e)], out.hidden_states[k][i, : len(e)],
+                                       atol=1e-5, rtol=1e-5)
+    assert cfg["n_layers"] == 4 and cfg["hidden"] == 32 and cfg["max_positions"] == 34
+
+
+def test_trimmed_vocabulary_encodes_every_text_to_the_same_pieces(teacher):
+    _, bert, tok_json = teacher
+    full = _tok(tok_json)
+    texts = TEXTS + [f"w{i} 好" for i in range(40)]
+    vocab = Vocab.from_texts(texts, unit="subword", lang="en", tokenizer=tok_json)
+    assert len(vocab) < full.get_vocab_size()  # [MASK], [CLS], [SEP] and the unused "##x" pieces are cut
+    rows, cls_id, sep_id = teacher_rows(full, vocab.itos, pad_id=0)
+    student, _ = from_teacher(bert, full, vocab.itos, 2, layers=[1, 3], max_len=32)
+    back = torch.tensor(rows + [cls_id, sep_id])  # student row -> teacher id
+    ids, lengths = vocab.encode_texts(texts, 32)
+    with_specials, mask = student.inputs(torch.from_numpy(ids), torch.from_numpy(lengths))
+    for i, text in enumerate(texts):
+        expect = full.encode(text).ids  # [CLS] pieces [SEP], [UNK] for words with a 9
+        assert back[with_specials[i][mask[i]]].tolist() == expect, text
+    # and the table rows are the teacher's rows for those pieces
+    torch.testing.assert_close(student.embed.weight, bert.bert.embeddings.word_embeddings.weight[back])
+
+
+def test_layers_the_teacher_does_not_have_fail_with_a_clear_error(teacher):
+    _, bert, tok_json = teacher
+    with pytest.raises(ValueError, match=r"layer\(s\) \[4, 7\] the teacher does not have: it has 4 layers"):
+        from_teacher(bert, _tok(tok_json), ("[PAD]", "[UNK]"), 2, layers=[1, 4, 7], max_len=8)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_layers([2, 1], 4)
+    with pytest.raises(ValueError, match="empty"):
+        check_layers([], 4)
+    with pytest.raises(ValueError, match="exceeds the teacher's 64 positions"):
+        from_teacher(bert, _tok(tok_json), ("[PAD]", "[UNK]"), 2, layers=[1], max_len=63)
+
+
+def test_layer_maps_follow_the_init_layers():
+    m = layer_maps([2, 5, 8, 11])
+    assert m["hidden"] == [(0, 0), (1, 3), (2, 6), (3, 9), (4, 12)]  # TinyBERT: teacher layer i*k for student i
+    assert m["attention"] == [(0, 2), (1, 5), (2, 8), (3, 11)]
+    assert m["pooled"] == [(1, 3), (2, 6), (3, 9), (4, 12)]
+    assert theseus_modules([2, 5, 8, 11], 12) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert theseus_modules([0, 2], 4) == [[0], [1, 2, 3]]
+
+
+# ------------------------------------------------------------------------------------------ losses by hand
+def test_hidden_mse_by_hand():
+    s = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, False]])
+    # (1 + 4 + 9 + 16) / (2 real tokens * 2 dims); the padded token's 9s count for nothing
+    assert hidden_mse(s, torch.zeros_like(s), mask).item() == pytest.approx(7.5)
+
+
+def test_attention_mse_by_hand():
+    s = torch.arange(9, dtype=torch.float32).view(1, 1, 3, 3)
+    mask = torch.tensor([[True, True, False]])
+    # real (query, key) pairs: the top-left 2x2 = 0, 1, 3, 4 -> (0 + 1 + 9 + 16) / (4 pairs * 1 head)
+    assert attention_mse(s, torch.zeros_like(s), mask).item() == pytest.approx(6.5)
+    two_heads = torch.cat([s, 2 * s], 1)  # second head: 0, 2, 6, 8 -> 104; (26 + 104) / (4 * 2)
+    assert attention_mse(two_heads, torch.zeros_like(two_heads), mask).item() == pytest.approx(130 / 8)
+
+
+def test_pkd_by_hand():
+    s = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    t = torch.tensor([[1.0, 0.0], [0.0, 5.0]])
+    # row 1: (0.6, 0.8) - (1, 0) -> 0.16 + 0.64 = 0.8; row 2: same direction -> 0; mean 0.4
+    assert pkd(s, t).item() == pytest.approx(0.4)
+
+
+def test_schedules_by_hand():
+    assert scheduled_weight("constant", 2.0, 0.25) == 2.0
+    assert scheduled_weight("linear_decay", 2.0, 0.25) == pytest.approx(1.5)
+    assert scheduled_weight("linear_growth", 2.0, 0.25) == pytest.approx(0.5)
+    assert scheduled_weight("linear_decay", 2.0, 1.7) == 0.0  # clamped at the end of training
+    z = torch.zeros(2, 2)
+    assert scheduled_temperature("linear_decay", 5.0, 0.5, z, z) == pytest.approx(3.0)
+    assert scheduled_temperature("linear_growth", 5.0, 0.25, z, z) == pytest.approx(2.0)
+    # flsw: cos(s, t) = 1 -> w = 0; cos = 0 -> w = 1 (gamma 2); tau = T + (mean(w) - w) * beta
+    s, t = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(scheduled_temperature("flsw", 4.0, 0.0, s, t, beta=2.0), torch.tensor([5.0, 3.0]))
+    # cwsm: p_max 0.5 and 0.75 -> w = 1 / (p_max + 1e-3)
+    s = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    w = np.array([1 / 0.501, 1 / 0.751])
+    torch.testing.assert_close(scheduled_temperature("cwsm", 1.0, 0.0, s, s),
+                               torch.tensor(1.0 + (w.mean() - w), dtype=torch.float32))
+    with pytest.raises(ValueError, match="linear_decay"):
+        scheduled_weight("cosine", 1.0, 0.5)
+
+
+def test_kl_with_per_row_temperatures_matches_the_scalar_one():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 3), torch.randn(5, 3)
+    assert kl(s, t, torch.full((5,), 3.0)).item() == pytest.approx(kl(s, t, 3.0).item(), rel=1e-6)
+    # per row: each row's KL at its own T, times its T^2, then the mean
+    temps = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    by_row = [kl(s[i : i + 1], t[i : i + 1], float(temps[i])).item() for i in range(5)]
+    assert kl(s, t, temps).item() == pytest.approx(sum(by_row) / 5, rel=1e-6)
+
+
+def test_transformer_loss_sums_the_weighted_parts(teacher):
+    _, bert, tok_json = teacher
+    vocab = Vocab.from_texts(TEXTS, unit="subword", lang="en", tokenizer=tok_json)
+    s_model, cfg = from_teacher(bert, _tok(tok_json), vocab.itos, 2, layers=[1, 3], max_len=32, dropout=0.0)
+    t_model, _ = from_teacher(bert, _tok(tok_json), vocab.itos, 2, layers=range(4), max_len=32, dropout=0.0)
+    ids, lengths = (torch.from_numpy(a) for a in vocab.encode_texts(TEXTS, 32))
+    fs, ft = s_model.features(ids, lengths), t_model.features(ids, lengths)
+    logits_t, labels = torch.tensor([[1.0, -1.0]] * 5), torch.tensor([0, 1, 0, 1, 1])
+    maps = layer_maps([1, 3])
+    w = {"kl": 0.5, "mse": 2.0, "hidden_mse": 3.0, "attention_mse": 0.1, "pkd": 7.0}
+    total, parts = transformer_loss(w, fs.logits, logits_t, labels, temperature=2.0, hard_label_weight=0.25,
+                                    feats_s=fs, feats_t=ft, maps=maps)
+    hid = sum(hidden_mse(fs.hidden[i], ft.hidden[j], fs.mask) for i, j in [(0, 0), (1, 2), (2, 4)]) / 3
+    att = sum(attention_mse(fs.scores[i], ft.scores[j], fs.mask) for i, j in [(0, 1), (1, 3)]) / 2
+    pk = sum(pkd(fs.pooled[i], ft.pooled[j]) for i, j in [(1, 2), (2, 4)]) / 2
+    assert hid.item() == pytest.approx(parts["hidden_mse"], rel=1e-5) and hid.item() > 0
+    assert parts["hidden_mse"] != pytest.approx(0.0)
+    ce = torch.nn.functional.cross_entropy(fs.logits, labels)
+    expect = (0.5 * kl(fs.logits, logits_t, 2.0) + 2.0 * torch.nn.functional.mse_loss(fs.logits, logits_t)
+              + 3.0 * hid + 0.1 * att + 7.0 * pk + 0.25 * ce)
+    assert total.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert set(parts) == {"kl", "mse", "hidden_mse", "attention_mse", "pkd", "hard_ce"}
+    # the student's embeddings are the teacher's (pair 0 -> 0 contributes nothing); its layers are not yet
+    assert hidden_mse(fs.hidden[0], ft.hidden[0], fs.mask).item() == pytest.approx(0.0, abs=1e-12)
+    assert hidden_mse(fs.hidden[1], ft.hidden[2], fs.mask).item() > 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ training
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def data(make_shards, teacher):
+    run_dir, train = make_shards("labelled", n_shards=2, rows=24, split="train", seed=0)
+    _, dev = make_shards("segment", n_shards=1, rows=16, split="dev", seed=1)
+    vocab = build_vocab_from_shards(run_dir, train, unit="subword", lang="en", tokenizer=teacher[2])
+    return run_dir, train, dev, vocab
+
+
+def _settings(**kw):
+    return {**TransformerConfig(layers=[1, 3], max_len=16, epochs=2, patience=5, batch_size=8, lr=1e-3,
+                                shuffle_buffer=16, device="cpu", threads=1).model_dump(mode="json"), **kw}
+
+
+def _train(data, teacher, out_dir, mode="distilled", on_epoch_end=None, **kw):
+    run_dir, train, dev, vocab = data
+    return train_student(run_dir, kind="transformer", mode=mode, train_refs=train, dev_refs=dev, vocab=vocab,
+                         labels=LABELS, out_dir=str(out_dir), transformer=_settings(**kw), teacher_dir=teacher[0],
+                         on_epoch_end=on_epoch_end)
+
+
+def _weights(out_dir, name="last.pt"):
+    return torch.load(f"{out_dir}/{name}", weights_only=True)["model"]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+EVERY_LOSS = {"kl": 1.0, "mse": 0.5, "ce": 0.1, "hidden_mse": 1.0, "attention_mse": 0.01, "pkd": 10.0}
+
+
+@pytest.mark.parametrize("kw", [
+    {"losses": EVERY_LOSS, "hard_label_weight": 0.5, "hard_label_weight_schedule": "linear_decay",
+     "temperature": 4.0, "temperature_schedule": "flsw", "kd_weight_schedule": "linear_growth"},
+    {"losses": {"kl": 1.0}, "temperature": 2.0, "temperature_schedule": "cwsm"},
+    {"losses": {"kl": 1.0}, "method": "theseus", "theseus_rate": 0.5},
+], ids=["every-loss", "kl-cwsm", "theseus"])
+def test_every_loss_and_theseus_train_a_tiny_random_bert_student(data, teacher, tmp_path, kw):
+    res = _train(data, teacher, tmp_path / "s", **kw)
+    assert res["epochs_run"] == 2 and res["kind"] == "transformer"
+    parts = res["history"][-1]["train_parts"]
+    expect = set(kw["losses"]) | ({"hard_ce"} if kw.get("hard_label_weight") else set())
+    assert set(parts) == expect and all(math.isfinite(v) for v in parts.values())
+    model, vocab, labels, cfg = load_student(str(tmp_path / "s"))
+    assert cfg["layers"] == [1, 3] and len(model.layers) == 2 and labels == LABELS
+    ids, lengths = vocab.encode_texts(["好 w1", "差 w2 w3"], cfg["max_len"])
+    assert model(torch.from_numpy(ids), torch.from_numpy(lengths)).shape == (2, 2)
+    # the student moved away from its teacher-layer init
+    init, _ = from_teacher(__import__("transformers").AutoModelForSequenceClassification.from_pretrained(
+        f"{teacher[0]}/../bert"), _tok(teacher[2]), vocab.itos, 2, layers=[1, 3], max_len=16)
+    assert not torch.equal(init.layers[0].query.weight, model.layers[0].query.weight)
+
+
+def test_theseus_at_rate_one_is_the_student_alone_and_at_rate_zero_trains_no_student_layer(data, teacher, tmp_path):
+    plain = {"losses": {"kl": 1.0}, "dropout": 0.0, "epochs": 1}
+    _train(data, teacher, tmp_path / "distill", **plain)
+    _train(data, teacher, tmp_path / "one", method="theseus", theseus_rate=1.0, theseus_slope=0.0, **plain)
+    assert _same(_weights(tmp_path / "distill"), _weights(tmp_path / "one"))
+    _train(data, teacher, tmp_path / "zero", method="theseus", theseus_rate=0.0, theseus_slope=0.0, **plain)
+    w0 = _weights(tmp_path / "zero")
+    init = torch.load(f"{tmp_path}/zero/best.pt", weights_only=True)  # 1 epoch: best is last
+    assert _same(w0, init["model"])
+    bert_l1 = teacher[1].bert.encoder.layer[1].attention.self.query.weight
+    torch.testing.assert_close(w0["layers.0.query.weight"], bert_l1)  # never used, never moved
+    assert not torch.equal(w0["out.weight"], _weights(tmp_path / "one")["out.weight"])
+
+
+@pytest.mark.parametrize("kw", [{"losses": {"kl": 1.0, "hidden_mse": 1.0, "attention_mse": 0.1}},
+                                {"losses": {"kl": 1.0}, "method": "theseus", "theseus_rate": 0.4}],
+                         ids=["features", "theseus"])
+def test_resume_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(data, teacher, tmp_path, kw):
+    kw = {**kw, "epochs": 3, "dropout": 0.2}
+    straight = _train(data, teacher, tmp_path / "straight", **kw)
+
+    def stop_after_first(entry):
+        if entry["epoch"] == 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _train(data, teacher, tmp_path / "resumed", on_epoch_end=stop_after_first, **kw)
+    assert torch.load(f"{tmp_path}/resumed/last.pt", weights_only=True)["epoch"] == 1
+    resumed = _train(data, teacher, tmp_path / "resumed", **kw)
+    assert _same(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
+    assert _same(_weights(tmp_path / "straight", "best.pt"), _weights(tmp_path / "resumed", "best.pt"))
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in straight["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]]
+
+
+def test_baseline_mode_trains_on_gold_labels_and_a_words_vocabulary_is_refused(data, teacher, tmp_path):
+    res = _train(data, teacher, tmp_path / "b", mode="baseline", epochs=1)
+    assert set(res["history"][0]["train_parts"]) == {"ce"}
+    run_dir, train, dev, _ = data
+    words = build_vocab_from_shards(run_dir, train)
+    with pytest.raises(ValueError, match="subword"):
+        _train((run_dir, train, dev, words), teacher, tmp_path / "w")
