@@ -26,19 +26,10 @@ from slimflow.storage.lock import run_lock
 from slimflow.storage.manifest import Manifest, commit_manifest, read_manifest
 from slimflow.storage.readers import InputError
 from slimflow.storage.shards import ShardRef, read_shard
+from slimflow.tasks.code_version import code_version
 from slimflow.tasks.online import find_labelled
 from slimflow.tasks.prefect_tasks import (
-    AUGMENT_CODE,
-    EVALUATE_CODE,
-    EXPORT_CODE,
-    INGEST_CODE,
-    LABEL_CODE,
-    ONLINE_CODE,
-    SEGMENT_CODE,
-    STUDENT_CODE,
-    TEACHER_CODE,
     augment_task,
-    code_version,
     embed_task,
     evaluate_student_task,
     evaluate_teacher_task,
@@ -132,7 +123,7 @@ def ingest_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
                 raise InputError(f"data.{key}: file {path} not found; check the path in the config") from None
     (res,) = run_tasks(ingest_task, [dict(run_dir=out, params=params, input_hashes=hashes)], out, result,
                        "ingest")
-    version = code_version(*INGEST_CODE)
+    version = code_version(ingest_task)
     commit_manifest(
         layout.stage_dir("ingest"),
         Manifest("ingest", fingerprint("ingest", hashes, params, version), params, version, _refs(res["shards"]),
@@ -153,7 +144,7 @@ def segment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     calls = [dict(run_dir=out, shard=r.shard_id, ref=r.to_dict(), lang=config.lang,
                   workers=config.segment.workers) for r in ing.shards]
     refs = _refs(run_tasks(segment_task, calls, out, result, "segment"))
-    version = code_version(*SEGMENT_CODE)
+    version = code_version(segment_task)
     params = {"lang": config.lang}
     commit_manifest(layout.stage_dir("segment"),
                     Manifest("segment", fingerprint("segment", ing.fingerprint, params, version), params, version,
@@ -176,7 +167,7 @@ def augment_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     calls = [dict(run_dir=out, shard=r.shard_id, ref=r.to_dict(), table=table, params=params)
              for r in seg.split("train")]
     refs = _refs(run_tasks(augment_task, calls, out, result, "augment"))
-    version = code_version(*AUGMENT_CODE)
+    version = code_version(pos_table_task, augment_task)
     commit_manifest(layout.stage_dir("augment"),
                     Manifest("augment", fingerprint("augment", seg.fingerprint, params, version), params, version,
                              refs, extra={"pos_table": table, "labels": seg.extra["labels"]}),
@@ -213,7 +204,7 @@ def teacher_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
         (fitted,) = run_tasks(fit_teacher_task, [dict(run_dir=out, teacher=t, labels=labels, **splits)], out,
                               result, "fit-teacher")
     meta = fitted["meta"]
-    version = code_version(*TEACHER_CODE)
+    version = code_version(embed_task, fit_teacher_task)
     commit_manifest(layout.stage_dir("teacher"),
                     Manifest("teacher", fingerprint("teacher", seg.fingerprint, t, version), t, version,
                              _refs(embeds), extra={"teacher": meta, "files": fitted["files"], "labels": labels}))
@@ -259,7 +250,7 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     from slimflow.tasks.teacher.model import release_teachers
 
     release_teachers()
-    version = code_version(*LABEL_CODE)
+    version = code_version(label_task)
     params = {k: t[k] for k in ("batch_tokens", "dtype", "device")} | {
         "dtype_used": {d: p["dtype"] for d, p in precision.items()}}
     commit_manifest(layout.stage_dir("label"),
@@ -320,7 +311,7 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     trained = run_tasks(train_task, calls, out, result, "train")
     if online:
         trained += run_tasks(online_train_task, online_calls, out, result, "train-online")
-    version = code_version(*(ONLINE_CODE if online else STUDENT_CODE))
+    version = code_version(vocab_task, vectors_task, train_task, *([online_train_task] if online else []))
     params = {"students": list(config.students), "student": s, "distill": config.distill.model_dump(mode="json")}
     commit_manifest(layout.stage_dir("train"),
                     Manifest("train", fingerprint("train", seg.fingerprint, lab.fingerprint, params, version), params,
@@ -339,7 +330,7 @@ def export_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     distilled = [t for t in tr.extra["students"] if t["mode"] == "distilled"]
     exported = run_tasks(export_task, [dict(run_dir=out, kind=t["kind"], trained=t, lang=config.lang)
                                        for t in distilled], out, result, "export")
-    version = code_version(*EXPORT_CODE)
+    version = code_version(export_task)
     commit_manifest(layout.stage_dir("export"),
                     Manifest("export", fingerprint("export", tr.fingerprint, version), {}, version, [],
                              extra={"students": exported}))
@@ -376,7 +367,7 @@ def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
                                                    lang=config.lang, speed_texts=texts,
                                                    splits=splits if t["mode"] == "distilled" else None)
                                               for t in tr.extra["students"]], out, result, "evaluate")
-    version = code_version(*STUDENT_CODE, *EVALUATE_CODE)
+    version = code_version(evaluate_teacher_task, evaluate_student_task)
     commit_manifest(layout.stage_dir("evaluate"),
                     Manifest("evaluate", fingerprint("evaluate", teacher.fingerprint, tr.fingerprint, version), {},
                              version, [], extra={"teacher": {**teacher.extra["teacher"].get("metrics", {}).get(

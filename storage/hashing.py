@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from slimflow.storage.fs import is_local, read_bytes
@@ -33,12 +31,3 @@ def canonical_json(obj: Any) -> str:
 def fingerprint(*parts: Any) -> str:
     """A sha256 over any JSON-able values, e.g. (stage, input hashes, params, code version)."""
     return sha256_bytes(canonical_json(list(parts)).encode("utf-8"))
-
-
-def hash_source_files(paths: Iterable[str | Path]) -> str:
-    """Hash of the given source files' bytes: the "code version" part of a cache key."""
-    h = hashlib.sha256()
-    for p in sorted(str(p) for p in paths):
-        h.update(Path(p).name.encode())
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()[:16]

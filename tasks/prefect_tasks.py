@@ -2,102 +2,42 @@
 
 The work is in the stage functions; what is here is glue that maps a task's parameters onto their arguments
 (e.g. ``_train_student`` picks ``max_len`` or ``max_chars`` by token unit, ``fit_teacher_task`` picks the fit).
-Glue can change outputs too, so this file is part of every task's code version.
+Glue can change outputs too, so a task's own function here, and the helpers it names, are part of its code version
+(tasks/code_version.py); another task's glue is not.
 
-Cache keys hash (task, code version, every parameter): the parameters carry the input shards' content hashes,
-the stage params and the run directory, so a rerun with nothing changed is all cache hits, and one edited
-input shard changes the key of exactly the tasks downstream of it. Results (a shard's path, rows and hash)
-are persisted as JSON so the cache survives across processes; the flows check each cached shard against the
-disk before trusting it (storage is the ground truth; this cache only mirrors it).
+Cache keys hash (task, code version, the parameters that key its output): the parameters carry the input shards'
+content hashes and the stage params, less the execution-only settings (``EXECUTION_ONLY``) and the run directory,
+so a rerun with nothing changed is all cache hits, and one edited input shard changes the key of exactly the
+tasks downstream of it. Results (a shard's run-relative path, rows and hash) are persisted as JSON under the run
+directory (flows/stages.py), so the cache survives across processes, machines and a moved run directory; the flows
+check each cached shard against the disk before trusting it (storage is the ground truth; this cache mirrors it).
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-from pathlib import Path
-
 from prefect import task
 from prefect.context import TaskRunContext
-from slimflow.storage.hashing import fingerprint, hash_source_files
+from slimflow.storage.hashing import fingerprint
 from slimflow.storage.shards import CorruptShardError, ShardRef
-
-_ROOT = Path(__file__).resolve().parent.parent
-_TASKS = _ROOT / "tasks"
-_STORAGE = [_ROOT / "storage" / n for n in ("schema.py", "shards.py", "readers.py")]
-
-# The entry module of each stage's tasks (under tasks/); code_version adds every tasks/ module it imports, so
-# only what the imports do not reach is listed (online.py: train.py does not import it).
-INGEST_CODE = ("ingest.py",)
-SEGMENT_CODE = ("segment.py",)
-AUGMENT_CODE = ("augment.py",)
-TEACHER_CODE = ("teacher/fit.py",)
-LABEL_CODE = ("teacher/label.py",)
-VOCAB_CODE = ("students/vocab.py",)
-VECTORS_CODE = ("students/static.py",)
-STUDENT_CODE = ("students/train.py",)
-ONLINE_CODE = STUDENT_CODE + ("online.py",)
-EXPORT_CODE = ("students/export.py",)
-EVALUATE_CODE = ("evaluate.py",)  # the students' and the teacher's timing and scoring alike
-
-
-def _module_file(name: str) -> Path | None:
-    """``slimflow.tasks.a.b`` -> tasks/a/b.py; None for a name outside tasks/, a package or a name inside a
-    module."""
-    parts = name.split(".")
-    if parts[:2] != ["slimflow", "tasks"]:
-        return None
-    path = _ROOT.joinpath(*parts[1:]).with_suffix(".py")
-    return path if path.is_file() else None
-
-
-@functools.cache
-def _imported_task_files(path: Path) -> frozenset[Path]:
-    """The ``tasks/`` modules ``path`` imports anywhere in it (imports inside functions included)."""
-    found: set[Path] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            # `from slimflow.tasks import fastseg` names a module; `from slimflow.tasks.x import f` the module .x
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        found |= {f for n in names if (f := _module_file(n)) is not None}
-    return frozenset(found)
-
-
-def task_sources(*modules: str) -> list[Path]:
-    """The given ``tasks/`` modules and every ``tasks/`` module they import, transitively, sorted."""
-    todo = [_TASKS / m for m in modules]
-    seen: set[Path] = set()
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo += _imported_task_files(path) - seen
-    return sorted(seen)
-
-
-def code_version(*modules: str) -> str:
-    """Hash of the code a stage runs: the given ``tasks/`` modules with every ``tasks/`` module they import,
-    this file (the tasks' glue) and the storage format. A change in any of them invalidates the cache."""
-    return hash_source_files(sorted({*task_sources(*modules), Path(__file__).resolve(), *_STORAGE}))
-
+from slimflow.tasks.code_version import task_code_version
 
 # Parameters that change how fast a task runs, never what it writes: kept out of the cache key.
 _NOT_IN_KEY = frozenset({"workers", "shard", "service"})  # service: where the online teacher answers, not what
 
 
-def _cache_key(modules: tuple[str, ...]):
-    version = code_version(*modules)
+def keyed(value):
+    """``value`` without the parameters that do not key a task's output, at any depth of dicts and lists."""
+    if isinstance(value, dict):
+        return {k: keyed(v) for k, v in value.items() if k not in _NOT_IN_KEY}
+    if isinstance(value, list | tuple):
+        return [keyed(v) for v in value]
+    return value
 
-    def key(context: TaskRunContext, parameters: dict) -> str:
-        kept = {k: v for k, v in parameters.items() if k not in _NOT_IN_KEY}
-        return fingerprint(context.task.name, version, kept)
 
-    return key
+def _cache_key(context: TaskRunContext, parameters: dict) -> str:
+    """(task, code version, keyed parameters): the code version is derived from the code the task runs
+    (tasks/code_version.py), so nothing needs bumping by hand and a comment or docstring moves nothing."""
+    return fingerprint(context.task.name, task_code_version(context.task.fn), keyed(parameters))
 
 
 def _transient(task, task_run, state) -> bool:
@@ -109,10 +49,10 @@ def _transient(task, task_run, state) -> bool:
 
 
 _COMMON = dict(persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=[2, 10],
-               retry_condition_fn=_transient)
+               retry_condition_fn=_transient, cache_key_fn=_cache_key)
 
 
-@task(name="ingest", cache_key_fn=_cache_key(INGEST_CODE), **_COMMON)
+@task(name="ingest", **_COMMON)
 def ingest_task(run_dir: str, params: dict, input_hashes: dict) -> dict:
     from slimflow.tasks.ingest import IngestParams, ingest
 
@@ -122,21 +62,21 @@ def ingest_task(run_dir: str, params: dict, input_hashes: dict) -> dict:
     return ingest(run_dir, IngestParams(**p))
 
 
-@task(name="segment", task_run_name="segment-{shard}", cache_key_fn=_cache_key(SEGMENT_CODE), **_COMMON)
+@task(name="segment", task_run_name="segment-{shard}", **_COMMON)
 def segment_task(run_dir: str, shard: str, ref: dict, lang: str, workers: int | None = None) -> dict:
     from slimflow.tasks.segment import segment_shard
 
     return segment_shard(run_dir, ShardRef.from_dict(ref), lang, workers).to_dict()
 
 
-@task(name="pos-table", cache_key_fn=_cache_key(AUGMENT_CODE), **_COMMON)
+@task(name="pos-table", **_COMMON)
 def pos_table_task(run_dir: str, refs: list[dict], min_count: int) -> dict:
     from slimflow.tasks.augment import build_pos_table
 
     return build_pos_table(run_dir, [ShardRef.from_dict(r) for r in refs], min_count)
 
 
-@task(name="augment", task_run_name="augment-{shard}", cache_key_fn=_cache_key(AUGMENT_CODE), **_COMMON)
+@task(name="augment", task_run_name="augment-{shard}", **_COMMON)
 def augment_task(run_dir: str, shard: str, ref: dict, table: dict, params: dict) -> dict:
     from slimflow.tasks.augment import AugmentParams, augment_shard
 
@@ -166,8 +106,7 @@ def _dir_files(run_dir: str, rel_dir: str) -> list[dict]:
     return sorted(out, key=lambda f: f["path"])
 
 
-@task(name="embed", task_run_name="embed-{shard}", cache_key_fn=_cache_key(TEACHER_CODE),
-      **_COMMON)
+@task(name="embed", task_run_name="embed-{shard}", **_COMMON)
 def embed_task(run_dir: str, shard: str, ref: dict, teacher: dict) -> dict:
     from slimflow.tasks.teacher.fit import embed_shard
 
@@ -177,7 +116,7 @@ def embed_task(run_dir: str, shard: str, ref: dict, teacher: dict) -> dict:
                        truncation=teacher["truncation"], **kw).to_dict()
 
 
-@task(name="fit-teacher", cache_key_fn=_cache_key(TEACHER_CODE), **_COMMON)
+@task(name="fit-teacher", **_COMMON)
 def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list[dict], dev: list[dict],
                      test: list[dict]) -> dict:
     """Step 1: the fitted teacher in ``run_dir/teacher/model``; returns teacher.json plus its files' hashes."""
@@ -207,8 +146,7 @@ def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list
     return {"meta": meta, "files": _dir_files(run_dir, "teacher/model")}
 
 
-@task(name="label", task_run_name="label-{shard}", cache_key_fn=_cache_key(LABEL_CODE),
-      **_COMMON)
+@task(name="label", task_run_name="label-{shard}", **_COMMON)
 def label_task(run_dir: str, shard: str, ref: dict, kind: str, teacher: dict, weights_hash: str) -> dict:
     """Step 2: one shard labelled by the teacher (``weights_hash`` keys the cache on the fitted teacher)."""
     import dataclasses
@@ -222,7 +160,7 @@ def label_task(run_dir: str, shard: str, ref: dict, kind: str, teacher: dict, we
                        **_teacher_kwargs(teacher)).to_dict()
 
 
-@task(name="vocab", task_run_name="vocab-{unit}", cache_key_fn=_cache_key(VOCAB_CODE), **_COMMON)
+@task(name="vocab", task_run_name="vocab-{unit}", **_COMMON)
 def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lowercase: bool,
                unit: str = "words", lang: str = "zh", teacher: dict | None = None) -> dict:
     """The students' vocabulary over the segmented train + unlabelled texts: ``train/vocab.json`` (words) or
@@ -246,7 +184,7 @@ def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lo
     return {"path": rel, "sha256": sha256_file(path), "size": len(vocab), "unit": unit}
 
 
-@task(name="vectors", task_run_name="vectors-{vocab[unit]}", cache_key_fn=_cache_key(VECTORS_CODE), **_COMMON)
+@task(name="vectors", task_run_name="vectors-{vocab[unit]}", **_COMMON)
 def vectors_task(run_dir: str, vocab: dict, teacher: dict, dim: int) -> dict:
     """Static token vectors of a vocabulary distilled from the teacher's encoder (``student.init: teacher``):
     ``train/vectors-<unit>-<dim>.npy``."""
@@ -271,7 +209,7 @@ def vectors_task(run_dir: str, vocab: dict, teacher: dict, dim: int) -> dict:
     return {"path": rel, "sha256": sha256_bytes(buf.getvalue()), "shape": list(vecs.shape)}
 
 
-@task(name="train-student", task_run_name="train-{kind}-{mode}", cache_key_fn=_cache_key(STUDENT_CODE), **_COMMON)
+@task(name="train-student", task_run_name="train-{kind}-{mode}", **_COMMON)
 def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[dict], vocab: dict,
                labels: list[str], student: dict, distill: dict, threads: int | None = None,
                vectors: dict | None = None) -> dict:
@@ -283,8 +221,7 @@ def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[
                           distill, threads, vectors)
 
 
-@task(name="train-student-online", task_run_name="train-{kind}-{mode}-online",
-      cache_key_fn=_cache_key(ONLINE_CODE), **_COMMON)
+@task(name="train-student-online", task_run_name="train-{kind}-{mode}-online", **_COMMON)
 def online_train_task(run_dir: str, kind: str, inputs: list[dict], dev: list[dict], vocab: dict,
                       labels: list[str], student: dict, distill: dict, weights_hash: str, service: dict,
                       threads: int | None = None, vectors: dict | None = None) -> dict:
@@ -332,7 +269,7 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
             "best": {"path": f"{rel}/best.pt", "sha256": sha256_file(best)}}
 
 
-@task(name="export-student", task_run_name="export-{kind}", cache_key_fn=_cache_key(EXPORT_CODE), **_COMMON)
+@task(name="export-student", task_run_name="export-{kind}", **_COMMON)
 def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
     """A distilled student as ONNX + TorchScript with its vocab, labels and segmentation settings."""
     from slimflow.storage.fs import join
@@ -343,8 +280,7 @@ def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
     return {"kind": kind, "dir": rel, "files": _dir_files(run_dir, rel), "meta": meta}
 
 
-@task(name="evaluate-student", task_run_name="evaluate-{kind}-{mode}",
-      cache_key_fn=_cache_key(STUDENT_CODE + EVALUATE_CODE), **_COMMON)
+@task(name="evaluate-student", task_run_name="evaluate-{kind}-{mode}", **_COMMON)
 def evaluate_student_task(run_dir: str, kind: str, mode: str, trained: dict, test: list[dict], lang: str,
                           speed_texts: list[str], splits: dict[str, list[dict]] | None = None) -> dict:
     """``splits``: {split: segment shards} whose texts read truncated are counted (see evaluate_student_run)."""
@@ -354,7 +290,7 @@ def evaluate_student_task(run_dir: str, kind: str, mode: str, trained: dict, tes
                                 speed_texts, _split_refs(splits)) | {"kind": kind, "mode": mode}
 
 
-@task(name="evaluate-teacher", cache_key_fn=_cache_key(EVALUATE_CODE), **_COMMON)
+@task(name="evaluate-teacher", **_COMMON)
 def evaluate_teacher_task(run_dir: str, teacher: dict, weights_hash: str, speed_texts: list[str],
                           splits: dict[str, list[dict]] | None = None) -> dict:
     """The teacher's speed and size, and under ``truncation`` its rows and texts read truncated per split."""
