@@ -315,3 +315,29 @@ def test_baseline_mode_trains_on_gold_labels_and_a_words_vocabulary_is_refused(d
     words = build_vocab_from_shards(run_dir, train)
     with pytest.raises(ValueError, match="subword"):
         _train((run_dir, train, dev, words), teacher, tmp_path / "w")
+
+
+def test_onnx_export_agrees_with_pytorch_and_the_predictor_serves_it_int8(data, teacher, tmp_path):
+    import os
+
+    from slimflow.tasks.students.export import Predictor, export_student, predict_lines
+
+    _train(data, teacher, tmp_path / "t", epochs=1)
+    meta = export_student(str(tmp_path / "t"), str(tmp_path / "export"), lang="en")
+    files = set(meta["files"])
+    assert {"model.onnx", "model.int8.onnx", "vocab.json", "vocab.tokenizer.json", "labels.json"} <= files
+    assert "model.ts" not in files
+    assert os.path.getsize(tmp_path / "export" / "model.int8.onnx") < os.path.getsize(tmp_path / "export" /
+                                                                                     "model.onnx")
+    model, vocab, _, cfg = load_student(str(tmp_path / "t"))
+    texts = ["好 w12 w3", "差 w9 w19 w0 w4", "", "w1 " * 40, "w88 好 差 w7"]  # empty, and one cut at max_len
+    ids, lengths = vocab.encode_texts(texts, cfg["max_len"])
+    with torch.no_grad():
+        expect = torch.softmax(model(torch.from_numpy(ids), torch.from_numpy(lengths)), -1).numpy()
+    fp32 = Predictor(str(tmp_path / "export"), backend="onnx")
+    np.testing.assert_allclose(fp32.predict_proba(texts), expect, atol=1e-5)
+    served = Predictor(str(tmp_path / "export"))
+    assert served.backend == "onnx_int8"
+    np.testing.assert_allclose(served.predict_proba(texts), expect, atol=0.05)
+    lines = list(predict_lines(str(tmp_path / "export"), texts[:2]))
+    assert [ln.split("\t")[1] in LABELS for ln in lines] == [True, True]
