@@ -297,7 +297,11 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     dev = [r.to_dict() for r in seg.split("dev")]
     calls = [dict(run_dir=out, kind=kind, mode=mode, train=data[mode], dev=dev, vocab=vocabs[unit[kind]],
                   labels=lab.extra["labels"], student=s, distill=config.distill.model_dump(mode="json"), threads=1,
-                  vectors=vectors[unit[kind]])
+                  vectors=vectors[unit[kind]],
+                  **({"transformer": {**config.transformer.model_dump(mode="json"),
+                                      "cache_dir": config.teacher.cache_dir,
+                                      "trust_remote_code": config.teacher.trust_remote_code}}
+                     if kind == "transformer" else {}))
              for kind in config.students for mode in ("baseline", "distilled")]
     if online:  # the distilled students ask the teacher service while they train (issue 6)
         d = config.distill

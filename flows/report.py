@@ -145,14 +145,15 @@ def results_table(report: dict) -> list[dict]:
         rows.append({"model": f"teacher ({t.get('name')})", "accuracy": t.get("accuracy"),
                      "macro_f1": t.get("macro_f1"),
                      "texts_per_s": t.get("qps"), "params": t.get("params"), "speedup": 1.0 if t.get("qps") else None,
-                     "gap_recovered": None})
+                     "gap_recovered": None, "size_bytes": t.get("size_bytes")})
     for kind, s in report.get("students", {}).items():
         rows.append({"model": f"{kind} baseline", "accuracy": s["baseline_accuracy"],
                      "macro_f1": s["baseline_macro_f1"],
-                     "texts_per_s": None, "params": s["params"], "speedup": None, "gap_recovered": None})
+                     "texts_per_s": None, "params": s["params"], "speedup": None, "gap_recovered": None,
+                     "size_bytes": None})
         rows.append({"model": f"{kind} distilled", "accuracy": s["distilled_accuracy"], "macro_f1": s["macro_f1"],
                      "texts_per_s": s["qps"], "params": s["params"], "speedup": s["speedup_vs_teacher"],
-                     "gap_recovered": s["gap_recovered"]})
+                     "gap_recovered": s["gap_recovered"], "size_bytes": s.get("size_bytes")})
     return rows
 
 
@@ -161,11 +162,14 @@ def render_table(report: dict) -> str:
     table = results_table(report)
     if not table:
         return ""
-    out = ["| model | test accuracy | macro-F1 | texts/s (batch 32) | params | x teacher speed | gap recovered |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    # size: the served model file (a student's ONNX, int8 for the transformer; the teacher's weights as loaded)
+    out = ["| model | test accuracy | macro-F1 | texts/s (batch 32) | params | size on disk (MB) | x teacher speed "
+           "| gap recovered |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
+        mb = r["size_bytes"] / 1e6 if r.get("size_bytes") else None
         out.append(f"| {r['model']} | {_f(r['accuracy'])} | {_f(r['macro_f1'])} | {_f(r['texts_per_s'], ',.0f')} | "
-                   f"{_f(r['params'], ',d')} | {_f(r['speedup'], ',.0f')} | {_f(r['gap_recovered'], '.0%')} |")
+                   f"{_f(r['params'], ',d')} | {_f(mb, ',.1f')} | {_f(r['speedup'], ',.0f')} | "
+                   f"{_f(r['gap_recovered'], '.0%')} |")
     return "\n".join(out)
 
 

@@ -15,6 +15,7 @@ belong in the measurement. Both sides are timed the same way, so the ratio stays
 from __future__ import annotations
 
 import multiprocessing
+import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -76,7 +77,9 @@ def evaluate_student_run(run_dir: str, train_rel: str, test: list[ShardRef], lan
     with tempfile.TemporaryDirectory() as tmp:
         export_student(train_dir, tmp, lang=lang)
         served = isolated(student_speed, tmp, speed_texts)
-        size = size_on_disk(join(tmp, "model.onnx"))
+        # The file served: the transformer student's int8 ONNX (issue 15), else the ONNX model.
+        int8 = join(tmp, "model.int8.onnx")
+        size = size_on_disk(int8 if os.path.exists(int8) else join(tmp, "model.onnx"))
         # threads=None: the TorchScript backend would set this process's torch threads; counting only tokenises
         truncated = student_truncated(Predictor(tmp, threads=None), split_texts(run_dir, splits)) if splits else None
     return {**metrics, **served, "params": count_params(model), "size_bytes": size, "truncated": truncated}

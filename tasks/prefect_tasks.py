@@ -212,13 +212,14 @@ def vectors_task(run_dir: str, vocab: dict, teacher: dict, dim: int) -> dict:
 @task(name="train-student", task_run_name="train-{kind}-{mode}", **_COMMON)
 def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[dict], vocab: dict,
                labels: list[str], student: dict, distill: dict, threads: int | None = None,
-               vectors: dict | None = None) -> dict:
+               vectors: dict | None = None, transformer: dict | None = None) -> dict:
     """Step 3: one student (``baseline`` on gold labels or ``distilled`` on teacher logits), early-stopped on dev.
 
-    Resumes from its last epoch checkpoint when a previous attempt was interrupted.
+    Resumes from its last epoch checkpoint when a previous attempt was interrupted. ``transformer``: the config's
+    transformer section (+ the teacher's cache_dir, trust_remote_code), for kind transformer only.
     """
     return _train_student(run_dir, kind, mode, [ShardRef.from_dict(r) for r in train], dev, vocab, labels, student,
-                          distill, threads, vectors)
+                          distill, threads, vectors, transformer)
 
 
 @task(name="train-student-online", task_run_name="train-{kind}-{mode}-online", **_COMMON)
@@ -240,7 +241,7 @@ def online_train_task(run_dir: str, kind: str, inputs: list[dict], dev: list[dic
 
 def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: list[dict], vocab: dict,
                    labels: list[str], student: dict, distill: dict, threads: int | None,
-                   vectors: dict | None = None) -> dict:
+                   vectors: dict | None = None, transformer: dict | None = None) -> dict:
     import io
 
     import numpy as np
@@ -259,7 +260,8 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
         epochs=s["epochs"], patience=s["patience"], batch_size=s["batch_size"], optimizer=s["optimizer"],
         lr=s["lr"], shuffle_buffer=s["shuffle_buffer"], seed=s["seed"], threads=threads,
         init_vectors=np.load(io.BytesIO(read_bytes(join(run_dir, vectors["path"]))), allow_pickle=False)
-        if vectors else None,
+        if vectors and kind != "transformer" else None,
+        transformer=transformer, teacher_dir=join(run_dir, "teacher", "model") if transformer else None,
     )
     best = join(run_dir, rel, "best.pt")
     from slimflow.storage.hashing import sha256_file

@@ -341,3 +341,15 @@ def test_onnx_export_agrees_with_pytorch_and_the_predictor_serves_it_int8(data, 
     np.testing.assert_allclose(served.predict_proba(texts), expect, atol=0.05)
     lines = list(predict_lines(str(tmp_path / "export"), texts[:2]))
     assert [ln.split("\t")[1] in LABELS for ln in lines] == [True, True]
+
+
+def test_config_section_names_the_valid_losses_and_reads_subwords():
+    from pydantic import ValidationError
+    from slimflow.flows.config import StudentConfig
+
+    with pytest.raises(ValidationError, match="'mse', 'kl', 'ce', 'hidden_mse', 'attention_mse' or 'pkd'"):
+        TransformerConfig(losses={"kl": 1.0, "hiden_mse": 1.0})
+    with pytest.raises(ValidationError, match="at least one > 0"):
+        TransformerConfig(losses={"kl": 0.0})
+    assert TransformerConfig().layers == [2, 5, 8, 11]
+    assert StudentConfig(unit="words").unit_of("transformer", "zh") == "subword"
