@@ -238,8 +238,11 @@ def label_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
     # sees the devices the tasks use, as teacher_devices already assumes.
     precision = {d: label_precision(layout.path("teacher", "model"), device=d, dtype=t["dtype"], threads=t["threads"],
                                     cache_dir=t["cache_dir"], trust_remote_code=t["trust_remote_code"]) for d in plan}
+    # Only the settings label_shard reads (the fitted teacher itself is keyed by its weights' hash); of these,
+    # device, threads and cache_dir are execution-only and never key a task (tasks/prefect_tasks.py).
+    runtime = {k: t[k] for k in ("batch_tokens", "threads", "cache_dir", "trust_remote_code")}
     calls = [dict(run_dir=out, shard=n.shard_id, ref=r.to_dict(), kind=kind,
-                  teacher={**t, "device": device[n.shard_id], "dtype": precision[device[n.shard_id]]["dtype"]},
+                  teacher={**runtime, "device": device[n.shard_id], "dtype": precision[device[n.shard_id]]["dtype"]},
                   weights_hash=weights)
              for i, ((kind, r), n) in enumerate(zip(inputs, named, strict=True)) if i not in found]
     with gpu_tasks(config.runner):
@@ -363,7 +366,8 @@ def evaluate_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
         texts = [texts[i] for i in np.linspace(0, len(texts) - 1, SPEED_TEXTS).round().astype(int)]
     with gpu_tasks(config.runner):  # the teacher's speed, on teacher.device
         (t_speed,) = run_tasks(evaluate_teacher_task, [dict(
-            run_dir=out, teacher=config.teacher.model_dump(mode="json"),
+            run_dir=out, teacher={k: getattr(config.teacher, k) for k in (
+                "device", "dtype", "threads", "batch_tokens", "cache_dir", "trust_remote_code")},
             weights_hash=teacher.extra["teacher"]["weights_hash"], speed_texts=texts, splits=splits)], out, result,
             "evaluate-teacher")
     # A kind reads text the same way in both modes: its truncation is counted once, on the distilled student.

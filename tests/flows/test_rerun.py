@@ -55,3 +55,45 @@ def test_shard_is_refused_for_the_teacher_stage_unless_it_embeds_per_shard(tmp_p
     with pytest.raises(ValueError, match=f"--shard does not apply to the teacher stage with teacher.fit: {fit}"):
         rerun_stages(out, "teacher", ["train-00000"])
     assert os.listdir(out) == ["config.json"]  # nothing ran
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What keys a task (issue 13): execution-only settings never do; a stage param re-executes exactly its dependents.
+
+
+@pytest.mark.slow
+def test_execution_only_settings_re_execute_no_task(tmp_path):
+    config = load_config(_chain_config(tmp_path, n=120))
+    out = str(tmp_path / "run")
+    first = run_flow(config=config, out=out)  # every stage: label and evaluate read the teacher's settings
+    assert first["tasks"]["executed"] > 0
+    t, r = config.teacher, config.runner
+    for change in ({"teacher": t.model_copy(update={"threads": 2})},
+                   {"teacher": t.model_copy(update={"cache_dir": str(tmp_path / "another-cache")})},
+                   {"runner": r.model_copy(update={"workers": 2})},
+                   {"segment": config.segment.model_copy(update={"workers": 2})}):
+        rep = run_flow(config=config.model_copy(update=change), out=out)
+        assert rep["tasks"]["executed"] == 0, (change, rep["tasks"]["by_stage"])
+        assert rep["tasks"]["cached"] > 0
+
+
+@pytest.mark.slow
+def test_p_mask_re_executes_augment_its_labels_and_training_only(tmp_path):
+    config = load_config(_chain_config(tmp_path, n=120))
+    out = str(tmp_path / "run")
+    run_flow(config=config, out=out, until="train")
+    upstream = ("ingest", "segment", "teacher")
+    before = {s: _hashes(out, s) for s in upstream}
+    n_label = len(_hashes(out, "label"))
+
+    changed = config.model_copy(update={"augment": config.augment.model_copy(update={"p_mask": 0.3})})
+    by = run_flow(config=changed, out=out, until="train")["tasks"]["by_stage"]
+    n_aug = len(_hashes(out, "augment"))
+    assert {s: by[s]["executed"] for s in upstream} == dict.fromkeys(upstream, 0)
+    assert by["augment"] == {"executed": n_aug, "cached": 1}  # every augment shard; the POS table reads no p_mask
+    assert by["label"] == {"executed": n_aug, "cached": n_label - n_aug}  # the augmented rows' labels only
+    units = {config.student.unit_of(k, config.lang) for k in config.students}
+    per_unit = 2 if config.student.init == "teacher" else 1  # a vocabulary and its teacher vectors per unit
+    # the distilled students read the new labels; the vocabularies, vectors and baselines read no augmented row
+    assert by["train"] == {"executed": len(config.students), "cached": per_unit * len(units) + len(config.students)}
+    assert {s: _hashes(out, s) for s in upstream} == before
