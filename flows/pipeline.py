@@ -288,14 +288,16 @@ def train_flow(config: Config, out: str, rerun: dict | None = None) -> dict:
                                                     for u in units], out, result, "vocab"),
                       strict=True))
     vectors = {u: None for u in units}
-    if config.student.init == "teacher":  # static token vectors distilled from the teacher (issue 11)
+    # The transformer student starts from the teacher's own embedding rows: no static vectors for it (issue 15).
+    vec_units = [u for u in units if any(unit[k] == u for k in config.students if k != "transformer")]
+    if config.student.init == "teacher" and vec_units:  # static token vectors distilled from the teacher (issue 11)
         t = config.teacher.model_dump(mode="json")
         enc = {k: t[k] for k in ("model", "cache_dir", "trust_remote_code", "device", "dtype", "threads",
                                  "batch_tokens")}
         with gpu_tasks(config.runner):
-            vectors = dict(zip(units, run_tasks(vectors_task, [dict(run_dir=out, vocab=vocabs[u], teacher=enc,
-                                                                    dim=s["embed_dim"]) for u in units],
-                                                out, result, "vectors"), strict=True))
+            vectors.update(zip(vec_units, run_tasks(vectors_task, [dict(run_dir=out, vocab=vocabs[u], teacher=enc,
+                                                                        dim=s["embed_dim"]) for u in vec_units],
+                                                    out, result, "vectors"), strict=True))
     data = {"baseline": [r.to_dict() for r in seg.split("train")], "distilled": [r.to_dict() for r in lab.shards]}
     dev = [r.to_dict() for r in seg.split("dev")]
     calls = [dict(run_dir=out, kind=kind, mode=mode, train=data[mode], dev=dev, vocab=vocabs[unit[kind]],

@@ -35,7 +35,7 @@ def test_transformer_student_trains_exports_and_reaches_the_report(tmp_path):
         augment={"n_iter": 1}, segment={"workers": 1},
         teacher={"model": build_seqcls_dir(tmp_path / "tiny-bert"), "fit": "none", "device": "cpu", "dtype": "fp32",
                  "threads": 1, "max_length": 16},
-        students=["transformer"], student={"init": "random"},
+        students=["transformer"],  # student.init: teacher (the default) computes no vectors for it
         transformer={"layers": [1], "epochs": 1, "max_len": 16, "batch_size": 8, "device": "cpu", "threads": 1,
                      "losses": {"kl": 1.0, "hidden_mse": 1.0}},
     )
@@ -50,6 +50,7 @@ def test_transformer_student_trains_exports_and_reaches_the_report(tmp_path):
     assert "size on disk (MB)" in open(layout.report_md, encoding="utf-8").read()
     result = json.load(open(os.path.join(out, "train", "transformer-distilled", "result.json")))
     assert set(result["history"][0]["train_parts"]) == {"kl", "hidden_mse"}
+    assert not [f for f in os.listdir(os.path.join(out, "train")) if f.startswith("vectors")]
     assert Predictor(export_dir).backend == "onnx_int8"
     lines = list(predict_lines(export_dir, test[:3]))
     assert len(lines) == 3 and all(ln.split("\t")[1] in LABELS for ln in lines)
