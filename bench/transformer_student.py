@@ -1,0 +1,244 @@
+"""Benchmark the transformer student (issue 15): 4 teacher layers over the trimmed vocabulary, five ways to distil.
+
+    python bench/transformer_student.py [--epochs 1] [--max-len 64] [--threads N]
+    python bench/transformer_student.py --smoke     # a tiny random BERT on random texts: checks the script runs
+
+On the quick demo's data (2,000 labelled reviews, 6,000 unlabelled, n_iter 3) with the default teacher
+(multilingual-e5-small + logistic-regression head), the pipeline runs up to the label stage; then, from the same
+init (teacher layers 2, 5, 8, 11, its fitted head as the classifier), one transformer student per recipe:
+
+    logits                           kl on the teacher's logits
+    logits+pkd                       + pkd (mean-pooled states at the mapped layers, weight 100: PKD's beta)
+    logits+hidden_mse                + hidden_mse (TinyBERT: embeddings and mapped layers' outputs)
+    logits+hidden_mse+attention_mse  + attention_mse (TinyBERT: pre-softmax scores)
+    theseus                          BERT-of-Theseus module replacement, kl only
+
+each exported (ONNX fp32 + int8) and measured as served: test accuracy and macro-F1 of both, texts/s at batch 32
+with raw text in (tokenisation included, each timing in a fresh process), int8/fp32 agreement, size on disk. The
+teacher is measured in the same run the same way (the evaluate stage's harness). Goals: the issue's acceptance
+lines. Fewer epochs and a shorter max_len than the config defaults keep it within ~40 minutes on a 2-core CPU;
+the JSON records both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RECIPES = {
+    "logits": {"losses": {"kl": 1.0}},
+    "logits+pkd": {"losses": {"kl": 1.0, "pkd": 100.0}},
+    "logits+hidden_mse": {"losses": {"kl": 1.0, "hidden_mse": 1.0}},
+    "logits+hidden_mse+attention_mse": {"losses": {"kl": 1.0, "hidden_mse": 1.0, "attention_mse": 1.0}},
+    "theseus": {"losses": {"kl": 1.0}, "method": "theseus"},
+}
+
+
+def prepare_run(work: str, smoke: bool):
+    """(config, run_dir) with the label stage done: the quick demo, or (smoke) random texts and a tiny BERT."""
+    from slimflow.flows.config import Config, load_config
+    from slimflow.flows.pipeline import run_stages
+
+    run = os.path.join(work, "run")
+    if smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "tasks" / "teacher"))
+        from teacher_fixtures import LABELS, build_seqcls_dir, random_texts
+
+        def jsonl(name, texts):
+            path = Path(work) / name
+            path.write_text("".join(json.dumps({"text": t, "label": LABELS[("good" in t) + 0]}) + "\n"
+                                    for t in texts), encoding="utf-8")
+            return str(path)
+
+        texts = list(dict.fromkeys(random_texts(260, seed=0, lo=2, hi=12)))
+        config = Config(name="transformer-smoke", lang="en",
+                        data={"train": jsonl("train.jsonl", texts[:180]), "dev": jsonl("dev.jsonl", texts[180:220]),
+                              "test": jsonl("test.jsonl", texts[220:])},
+                        augment={"n_iter": 1}, segment={"workers": 1},
+                        teacher={"model": build_seqcls_dir(Path(work) / "tiny-bert"), "fit": "none",
+                                 "device": "cpu", "dtype": "fp32", "max_length": 32})
+    else:
+        from slimflow.flows.demo import write_demo_config
+
+        config = load_config(write_demo_config(os.path.join(work, "demo"), "quick"))
+    run_stages(config, run, ["ingest", "segment", "augment", "teacher", "label"])
+    return config, run
+
+
+def test_texts(run: str, refs) -> tuple[list[str], list[str]]:
+    from slimflow.storage.shards import read_shard
+
+    texts, labels = [], []
+    for r in refs:
+        t = read_shard(run, r)
+        texts += t.column("text").to_pylist()
+        labels += t.column("label").to_pylist()
+    return texts, labels
+
+
+def served(export_dir: str, backend: str, texts: list[str], speed_texts: list[str]) -> dict:
+    """Run in a fresh process: predictions on ``texts`` and texts/s on ``speed_texts`` (batch 32, raw text in)."""
+    from slimflow.tasks.evaluate import speed
+    from slimflow.tasks.students.export import Predictor
+
+    p = Predictor(export_dir, backend=backend)
+    probs = p.predict_proba(texts)
+    return {"pred": [p.labels[k] for k in probs.argmax(-1)], **speed(p.predict_proba, speed_texts)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-len", type=int, default=64, help="subword pieces per text (config default 128)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of: " + ", ".join(RECIPES))
+    ap.add_argument("--work", default=None, help="work directory (default: a temporary one, removed afterwards)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random BERT on random texts: the plumbing only")
+    args = ap.parse_args()
+    if args.smoke:
+        args.max_len = min(args.max_len, 30)  # the tiny BERT has 64 positions
+
+    from slimflow.flows.config import TransformerConfig
+    from slimflow.storage.layout import RunLayout
+    from slimflow.storage.manifest import read_manifest
+    from slimflow.tasks.evaluate import SPEED_TEXTS, isolated, teacher_speed
+    from slimflow.tasks.students.evaluate import classification_metrics, size_on_disk
+    from slimflow.tasks.students.export import export_student
+    from slimflow.tasks.students.subword import tokenizer_json
+    from slimflow.tasks.students.train import train_student
+    from slimflow.tasks.students.vocab import build_vocab_from_shards
+    from slimflow.tasks.teacher.model import read_teacher_json, resolve_base
+
+    from bench._common import goal, print_goals, write_results
+
+    t_start = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory()
+    work = args.work or tmp.name
+    os.makedirs(work, exist_ok=True)
+    config, run = prepare_run(work, args.smoke)
+    prefix_s = time.perf_counter() - t_start
+    layout = RunLayout(run)
+    seg, lab = read_manifest(layout.stage_dir("segment")), read_manifest(layout.stage_dir("label"))
+    labels = lab.extra["labels"]
+    teacher_dir = layout.path("teacher", "model")
+    base = resolve_base(config.teacher.model, config.teacher.cache_dir)
+    # The corpus the pipeline's vocabulary task reads (train + unlabelled), no size cap: every piece kept.
+    vocab = build_vocab_from_shards(run, [r for r in seg.shards if r.split in ("train", "unlabelled")],
+                                    unit="subword", lang=config.lang, max_size=10**7,
+                                    tokenizer=tokenizer_json(base.path))
+    texts, gold = test_texts(run, seg.split("test"))
+    step = max(1, len(texts) // SPEED_TEXTS)
+    speed_texts = texts[::step][:SPEED_TEXTS]
+
+    # The teacher: the label stage labels no test rows, so it labels the test texts here; its speed is the
+    # evaluate stage's measurement (a fresh process, raw text in, batch 32).
+    from slimflow.tasks.teacher.label import label_texts
+    from slimflow.tasks.teacher.model import load_teacher
+
+    t = config.teacher
+    teacher = load_teacher(teacher_dir, device="cpu", dtype=t.dtype, threads=t.threads, cache_dir=t.cache_dir)
+    import numpy as np
+
+    t_pred = [teacher.labels[k] for k in label_texts(teacher, texts, batch_tokens=t.batch_tokens).argmax(-1)]
+    lab_id = {x: i for i, x in enumerate(labels)}
+    t_metrics = classification_metrics([lab_id[g] for g in gold], [lab_id[p] for p in t_pred], len(labels))
+    t_speed = teacher_speed(run, {"device": "cpu", "dtype": t.dtype, "threads": t.threads, "cache_dir": t.cache_dir,
+                                  "batch_tokens": t.batch_tokens, "trust_remote_code": t.trust_remote_code},
+                            speed_texts)
+    weights_file = os.path.join(base.path, "model.safetensors")
+    teacher_row = {"accuracy": t_metrics["accuracy"], "macro_f1": t_metrics["macro_f1"], "qps": t_speed["qps"],
+                   "size_bytes": size_on_disk(weights_file) if os.path.exists(weights_file) else t_speed["size_bytes"],
+                   "folder_bytes": size_on_disk(base.path), "params": t_speed["params"],
+                   "dtype": read_teacher_json(teacher_dir).get("dtype")}
+    del teacher
+
+    from transformers import AutoConfig
+
+    n_layers = AutoConfig.from_pretrained(base.path).num_hidden_layers
+    layers = [1] if args.smoke else [2, 5, 8, 11]
+    common = TransformerConfig(layers=layers, epochs=args.epochs, max_len=args.max_len, patience=1,
+                               threads=args.threads).model_dump(mode="json")
+    common.update(cache_dir=t.cache_dir, trust_remote_code=t.trust_remote_code)
+    rows: dict[str, dict] = {}
+    for name in args.recipes.split(","):
+        settings = {**common, **RECIPES[name]}
+        out_dir = os.path.join(work, "students", name)
+        t0 = time.perf_counter()
+        res = train_student(run, kind="transformer", mode="distilled", train_refs=lab.shards,
+                            dev_refs=seg.split("dev"), vocab=vocab, labels=labels, out_dir=out_dir,
+                            transformer=settings, teacher_dir=teacher_dir, progress=True)
+        train_s = time.perf_counter() - t0
+        export_dir = os.path.join(work, "export", name)
+        export_student(out_dir, export_dir, lang=config.lang)
+        row = {"train_seconds": train_s, "best_dev_accuracy": res["best_dev_accuracy"],
+               "epochs_run": res["epochs_run"], "train_parts": res["history"][-1]["train_parts"]}
+        for backend in ("onnx", "onnx_int8"):
+            r = isolated(served, export_dir, backend, texts, speed_texts)
+            m = classification_metrics([lab_id[g] for g in gold], [lab_id[p] for p in r["pred"]], len(labels))
+            key = "fp32" if backend == "onnx" else "int8"
+            row[key] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "qps": r["qps"],
+                        "qps_batch1": r["qps_batch1"], "pred": r["pred"]}
+        row["int8_agreement"] = float(np.mean([a == b for a, b in zip(row["fp32"]["pred"], row["int8"]["pred"])]))
+        row["size_bytes"] = {"fp32": size_on_disk(os.path.join(export_dir, "model.onnx")),
+                             "int8": size_on_disk(os.path.join(export_dir, "model.int8.onnx")),
+                             "tokenizer": size_on_disk(os.path.join(export_dir, "vocab.tokenizer.json")),
+                             "folder": size_on_disk(export_dir)}
+        for k in ("fp32", "int8"):
+            del row[k]["pred"]
+        rows[name] = row
+        print(f"{name}: dev {res['best_dev_accuracy']:.4f} test fp32 {row['fp32']['accuracy']:.4f} "
+              f"int8 {row['int8']['accuracy']:.4f} ({train_s:.0f} s training)", flush=True)
+
+    print(f"\n{'model':36s} {'test acc':>8s} {'macro-F1':>8s} {'texts/s':>9s} {'x teacher':>9s} {'size MB':>8s}")
+    print(f"{'teacher (' + base.name + ')':36s} {teacher_row['accuracy']:8.4f} {teacher_row['macro_f1']:8.4f} "
+          f"{teacher_row['qps']:9.1f} {1:9.1f} {teacher_row['size_bytes'] / 1e6:8.1f}")
+    for name, row in rows.items():
+        for k in ("fp32", "int8"):
+            r = row[k]
+            print(f"{name + ' ' + k:36s} {r['accuracy']:8.4f} {r['macro_f1']:8.4f} {r['qps']:9.1f} "
+                  f"{r['qps'] / teacher_row['qps']:9.1f} {row['size_bytes'][k] / 1e6:8.1f}")
+    ranked = sorted(rows, key=lambda n: (rows[n]["int8"]["accuracy"], rows[n]["fp32"]["accuracy"]), reverse=True)
+    best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    b = rows[best]
+    winner = {"recipe": best, "int8_accuracy": b["int8"]["accuracy"], "fp32_accuracy": b["fp32"]["accuracy"],
+              "runner_up": second,
+              "margin_points": 100 * (b["int8"]["accuracy"] - rows[second]["int8"]["accuracy"]) if second else None}
+    print(f"\nbest recipe: {best} (int8 test accuracy {b['int8']['accuracy']:.4f}"
+          + (f", {winner['margin_points']:+.2f} points over {second})" if second else ")"))
+    goals = [
+        goal(f"best 4-layer student int8 test accuracy ({best}) >= teacher - 0.005", b["int8"]["accuracy"],
+             round(teacher_row["accuracy"] - 0.005, 4), True),
+        goal("its fp32 texts/s / teacher texts/s (batch 32, raw text)", b["fp32"]["qps"] / teacher_row["qps"], 3.0,
+             True),
+        goal("its int8 texts/s / teacher texts/s (batch 32, raw text)", b["int8"]["qps"] / teacher_row["qps"], 6.0,
+             True),
+        goal("int8 predictions agreeing with fp32 (test texts)", b["int8_agreement"], 0.99, True),
+        goal("int8 model file / teacher weights file (size on disk)",
+             b["size_bytes"]["int8"] / teacher_row["size_bytes"], round(1 / 15, 4), False),
+    ]
+    print_goals(goals)
+    name = "transformer_student-smoke" if args.smoke else "transformer_student"
+    path = write_results(
+        name, goals, teacher=teacher_row, students=rows, winner=winner,
+        settings={"epochs": args.epochs, "max_len": args.max_len, "layers": layers, "teacher_layers": n_layers,
+                  "config_defaults": {"epochs": 3, "max_len": 128}, "recipes": {k: RECIPES[k] for k in rows},
+                  "train_rows": sum(r.rows for r in lab.shards), "test_texts": len(texts),
+                  "speed_texts": len(speed_texts), "vocab_pieces": len(vocab), "smoke": args.smoke},
+        notes=("Fewer epochs and a shorter max_len than the config defaults (3, 128), to finish within ~40 "
+               "minutes on a 2-core CPU. Size on disk: the served model file against the teacher's weights file; "
+               "the export folder also holds the teacher's whole tokenizer (tokenizer.json, ~17 MB for e5), "
+               "recorded as size_bytes.tokenizer / folder."),
+        seconds={"prepare_through_label": prefix_s, "total": time.perf_counter() - t_start})
+    print(f"\nwrote {path}")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
