@@ -19,6 +19,7 @@ import copy
 import functools
 import hashlib
 import inspect
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -175,10 +176,15 @@ def task_code_version(fn: Callable) -> str:
     """The code version of a task function (a Prefect task's ``.fn``, or the task itself): computed once per
     process, from the code this process loaded."""
     fn = inspect.unwrap(getattr(fn, "fn", fn))
-    return _version_once(Path(inspect.getsourcefile(fn)).resolve(), fn.__name__)
+    with _LOCK:
+        return _version_once(Path(inspect.getsourcefile(fn)).resolve(), fn.__name__)
 
 
 _version_once = functools.cache(version_of)
+# Cache keys are computed in the task runner's threads, and CPython 3.11's ast.parse is not thread-safe ("AST
+# constructor recursion depth mismatch" seen here with two export tasks keyed at once): one parse at a time. The
+# flows compute each version before submitting (flows/stages.py), so no task thread parses at all.
+_LOCK = threading.Lock()
 
 
 def code_version(*tasks: Callable) -> str:
