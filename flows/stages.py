@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prefect.futures import as_completed
+from slimflow.storage.fs import is_local
+from slimflow.storage.layout import RunLayout
 from slimflow.storage.shards import ShardRef, shard_ok
+from slimflow.tasks.code_version import task_code_version
 
 
 @dataclass
@@ -68,6 +72,19 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, disable=total == 0, leave=False)
 
 
+def cached_in_run(task, run_dir: str):
+    """``task`` with its cache records and persisted results under the run directory (``.prefect-cache/``), not
+    ``$PREFECT_HOME``: another machine, container or Prefect home that sees the run directory, or the directory
+    moved, finds them (issue 13). The keys hold no absolute path (tasks/prefect_tasks.py), and each record is one
+    file named by its key, holding its result: a cache policy's separate ``key_storage`` would record the result's
+    absolute path instead, and a moved directory then fails on read (measured on Prefect 3.9). A remote run
+    directory (``s3://``...) keeps Prefect's default result storage: a storage block there must be saved on the
+    server first."""
+    if not is_local(run_dir):
+        return task
+    return task.with_options(result_storage=Path(RunLayout(run_dir).prefect_cache).resolve())
+
+
 def run_tasks(task, calls: list[dict], run_dir: str, result: StageResult, desc: str,
               progress_key: str | None = None) -> list:
     """Submit ``task`` once per kwargs in ``calls``; return results in call order.
@@ -76,6 +93,8 @@ def run_tasks(task, calls: list[dict], run_dir: str, result: StageResult, desc: 
     with the cache refreshed for that one task, so a stale cache entry is never used.
     """
     t0 = time.perf_counter()
+    task = cached_in_run(task, run_dir)
+    task_code_version(task)  # here, in the flow's thread, not in the runner's threads beside running tasks
     refresh = [needs_refresh(result, kw) for kw in calls]
     futures = [(task.with_options(refresh_cache=True) if r else task).submit(**kw) for kw, r in zip(calls, refresh)]
     artifact = None

@@ -4,6 +4,7 @@
       ingest/{train,dev,test,unlabelled}/*.parquet  rejects.parquet  manifest.json
       segment/...  augment/...  label/...           each committed by its manifest.json
       report.json  report.md
+      .prefect-cache/                               Prefect's cache records and task results, one file per key
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class RunLayout:
 
     def path(self, *parts: str) -> str:
         return join(self.root, *parts)
+
+    @property
+    def prefect_cache(self) -> str:
+        """Prefect's cache records and persisted task results: in the run, so whoever sees the run sees them."""
+        return join(self.root, ".prefect-cache")
 
     @property
     def report_json(self) -> str:

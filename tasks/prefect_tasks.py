@@ -6,11 +6,11 @@ Glue can change outputs too, so a task's own function here, and the helpers it n
 (tasks/code_version.py); another task's glue is not.
 
 Cache keys hash (task, code version, the parameters that key its output): the parameters carry the input shards'
-content hashes, the stage params and the run directory, less the execution-only settings (``EXECUTION_ONLY``), so
-a rerun with nothing changed is all cache hits, and one edited input shard changes the key of exactly the
-tasks downstream of it. Results (a shard's path, rows and hash) are persisted as JSON so the cache survives across
-processes; the flows check each cached shard against the disk before trusting it (storage is the ground truth;
-this cache only mirrors it).
+content hashes and the stage params, less the execution-only settings (``EXECUTION_ONLY``) and the run directory,
+so a rerun with nothing changed is all cache hits, and one edited input shard changes the key of exactly the
+tasks downstream of it. Results (a shard's run-relative path, rows and hash) are persisted as JSON under the run
+directory (flows/stages.py), so the cache survives across processes, machines and a moved run directory; the flows
+check each cached shard against the disk before trusting it (storage is the ground truth; this cache mirrors it).
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from slimflow.tasks.code_version import task_code_version
 # teacher answers, the task runner), never what it writes: kept out of every key, at the top level and inside a
 # config section passed as a dict (teacher.threads must not relabel every shard; issue 13).
 EXECUTION_ONLY = frozenset({"threads", "device", "workers", "cache_dir", "runner", "service"})
-_NOT_IN_KEY = EXECUTION_ONLY | {"shard"}  # shard: the task run's name; its input's hash keys it
+# shard: the task run's name (its input's hash keys it). run_dir: where the run lives, not what it computes; every
+# other parameter names files by their path relative to it, so a moved run directory keeps its cache (which lives
+# inside it: flows/stages.py).
+_NOT_IN_KEY = EXECUTION_ONLY | {"shard", "run_dir"}
 
 
 def keyed(value):

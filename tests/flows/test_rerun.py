@@ -1,6 +1,9 @@
 """`slimflow rerun --stage label --shard ONE`: exactly that shard's label task, then only what reads its output."""
 
+import json
 import os
+import shutil
+import subprocess
 
 import pytest
 from slimflow.flows.config import Config, load_config
@@ -9,7 +12,7 @@ from slimflow.storage.fs import atomic_write_text
 from slimflow.storage.layout import RunLayout
 from slimflow.storage.manifest import read_manifest
 
-from tests.flows.test_faults import _chain_config
+from tests.flows.test_faults import _chain_config, _env, _slimflow
 
 
 def _hashes(out, stage):
@@ -97,3 +100,35 @@ def test_p_mask_re_executes_augment_its_labels_and_training_only(tmp_path):
     # the distilled students read the new labels; the vocabularies, vectors and baselines read no augmented row
     assert by["train"] == {"executed": len(config.students), "cached": per_unit * len(units) + len(config.students)}
     assert {s: _hashes(out, s) for s in upstream} == before
+
+
+@pytest.mark.slow
+def test_the_cache_lives_in_the_run_directory(tmp_path):
+    """A fresh PREFECT_HOME (a recreated container) and then a moved run directory: the run executes no task."""
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    cfg = _chain_config(tmp_path, n=120)
+    out = tmp_path / "run"
+    home = tmp_path / "home-0"
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
+        first = run_flow(config=load_config(cfg), out=str(out))
+    assert first["tasks"]["executed"] > 0
+    assert not [p for p in (home / "storage").rglob("*") if p.is_file()]  # nothing in Prefect's home
+    assert len(list((out / ".prefect-cache").iterdir())) >= first["tasks"]["executed"]
+
+    def run_elsewhere(where, home):  # a new process, as a recreated container or another machine would be
+        env = {**_env(), "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
+        proc = subprocess.run(_slimflow("run", cfg, "--out", str(where)), env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads((where / "report.json").read_text())["tasks"]
+
+    total = first["tasks"]["executed"] + first["tasks"]["cached"]
+    again = run_elsewhere(out, tmp_path / "home-1")
+    assert (again["executed"], again["cached"]) == (0, total), again["by_stage"]
+
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(out, moved)
+    there = run_elsewhere(moved, tmp_path / "home-2")
+    assert (there["executed"], there["cached"]) == (0, total), there["by_stage"]
+    assert not out.exists()
