@@ -13,6 +13,9 @@ import pyarrow as pa
 MASK_PLACEHOLDER = "\ue000"
 UNK = "[UNK]"
 PAD = "[PAD]"
+# Their ids in every student vocabulary ([PAD], [UNK] come first in vocab.json): models mask by length, but the
+# embedding's padding_idx keeps [PAD] at zero too.
+PAD_ID, UNK_ID = 0, 1
 
 SPLITS = ("train", "dev", "test", "unlabelled")
 

@@ -18,8 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from numba import njit
-from slimflow.storage.schema import MASK_PLACEHOLDER, PAD, UNK
-from slimflow.tasks.students.vocab import UNK_ID
+from slimflow.storage.schema import MASK_PLACEHOLDER, PAD, UNK, UNK_ID
 
 N_CODEPOINTS = 0x110000
 _PLACEHOLDER = ord(MASK_PLACEHOLDER)

@@ -14,9 +14,7 @@ import json
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from slimflow.storage.schema import MASK_PLACEHOLDER, PAD, UNK
-
-PAD_ID, UNK_ID = 0, 1  # as slimflow.tasks.students.vocab (which imports this module: no import back)
+from slimflow.storage.schema import MASK_PLACEHOLDER, PAD, PAD_ID, UNK, UNK_ID
 
 
 class SubwordEncoder:

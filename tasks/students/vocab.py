@@ -19,11 +19,9 @@ from typing import Literal
 import numpy as np
 from slimflow.storage.fs import atomic_write_text, exists, read_bytes
 from slimflow.storage.hashing import fingerprint, sha256_bytes
-from slimflow.storage.schema import PAD, UNK
+from slimflow.storage.schema import PAD, PAD_ID, UNK, UNK_ID
 from slimflow.storage.shards import ShardRef, read_shard
 
-PAD_ID = 0  # models mask by length, but the embedding's padding_idx keeps [PAD] at zero too
-UNK_ID = 1
 # A student reading max_len tokens of a long text needs at most this many characters per token of it: cut there.
 _CHARS_PER_TOKEN = 16
 FORMAT = 2  # 2: text-based units (lang, subword tokenizer); 1 had words as the segmenter gave them
