@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
 
+from slimflow.flows.cli_args import no_wait_arg, positive_int
+from slimflow.flows.cli_console import configure, prefect_defaults
 from slimflow.storage.layout import STAGES
 
 _STAGE_HELP = {
@@ -22,62 +23,6 @@ _STAGE_HELP = {
     "export": "export the distilled students to ONNX + TorchScript with vocab, labels and segmentation settings",
     "evaluate": "teacher vs baseline vs distilled students on the test split: accuracy, F1, MCC, texts/s, size",
 }
-
-
-def _prefect_defaults() -> None:
-    # The ephemeral server's first start runs its database migrations, which can exceed Prefect's default
-    # 20 s on a busy 2-core machine; and nothing here may phone home.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
-    # transformers' per-load "Loading weights" bars, one per shard task, drown the stage progress bars.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    _quiet_run_failures()
-    # torch.onnx warns about torchvision ops on every export; the students use none of them.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-
-
-_DEBUG = False  # --debug: tracebacks, Prefect's included
-_VERBOSE = False  # --verbose: Prefect's INFO lines (server start, each flow and task run) on the console
-
-
-class _NoRunFailures(logging.Filter):
-    """Keeps Prefect's flow- and task-run errors (and their tracebacks) off the console: the CLI reports the
-    failure in one line (issue 12). They still reach the Prefect server's log (its API handler), and --debug
-    shows them here too."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # Progress bars say what runs; Prefect's INFO lines (a temporary server started, each run begun and
-        # finished) are for the UI and --verbose. The server's log keeps them either way.
-        if record.levelno < logging.WARNING and not _VERBOSE:
-            return False
-        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
-            return True
-        # A failed flow run says so at INFO ("Finished in state Failed(...)"), with the whole message again.
-        return record.levelno < logging.ERROR and not record.getMessage().startswith(("Finished in state Failed",
-                                                                                      "Finished in state Crashed"))
-
-
-def _quiet_run_failures() -> None:
-    if _DEBUG:
-        return
-    import prefect.main  # noqa: F401  (sets up Prefect's logging: its console handler sits on the root logger)
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _NoRunFailures)
-                                                                  for f in handler.filters):
-            handler.addFilter(_NoRunFailures())
-
-
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1 (a batch of 0 lines would never be sent)."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def one_line(e: BaseException, limit: int = 600) -> str:
@@ -119,7 +64,7 @@ def cmd_run(args) -> int:
     config = load_config(args.config)
     out = _out_dir(args, config)
     with _locked(os.path.abspath(out), args):
-        _prefect_defaults()
+        prefect_defaults()
         from slimflow.flows.pipeline import PIPELINE, run_flow
 
         report = run_flow(config=config, out=os.path.abspath(out), until=args.until or PIPELINE[-1])
@@ -133,7 +78,7 @@ def cmd_stage(args) -> int:
 
     config = load_config(args.config)
     out = _out_dir(args, config)
-    _prefect_defaults()
+    prefect_defaults()
     from slimflow.flows.pipeline import plan_stages, run_stages
 
     plan_stages(config, os.path.abspath(out), [args.command])  # a stage refused (label in online mode) locks nothing
@@ -149,7 +94,7 @@ def cmd_demo(args) -> int:
 
     out = os.path.abspath(args.out or os.path.join("runs", f"demo-{args.preset}"))
     with _locked(out, args):  # the demo writes its data and config into the run directory too
-        _prefect_defaults()
+        prefect_defaults()
         from slimflow.flows.pipeline import PIPELINE, run_flow
 
         config = load_config(write_demo_config(out, args.preset))
@@ -165,7 +110,7 @@ def cmd_rerun(args) -> int:
     run_dir = os.path.abspath(args.run_dir)
     # A folder that is not there is not created for its lock: rerun_stages says it is no run directory.
     with _locked(run_dir, args) if os.path.isdir(run_dir) else contextlib.nullcontext():
-        _prefect_defaults()
+        prefect_defaults()
         from slimflow.flows.pipeline import rerun_stages
 
         report = rerun_stages(run_dir, args.stage, args.shard)
@@ -198,12 +143,6 @@ def cmd_data_export(args) -> int:
                            seed=args.seed, unlabelled=args.unlabelled)
     print(json.dumps(files, indent=1))
     return 0
-
-
-def no_wait_arg(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--no-wait", action="store_true",
-                    help="when another run is writing the run directory, stop at once (exit 1, naming it) "
-                    "instead of waiting for it to finish")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,14 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     from slimflow.flows.cli_teacher import add_teacher_commands
 
     add_ops_commands(sub)
-    add_teacher_commands(sub)  # `teacher serve CONFIG` beside the `teacher CONFIG` stage
+    add_teacher_commands(sub, run_stage=cmd_stage)  # `teacher serve CONFIG` beside the `teacher CONFIG` stage
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _DEBUG, _VERBOSE
     args = build_parser().parse_args(argv)
-    _DEBUG, _VERBOSE = args.debug, args.verbose or args.debug
+    configure(debug=args.debug, verbose=args.verbose or args.debug)
     try:
         return args.func(args)
     except KeyboardInterrupt:

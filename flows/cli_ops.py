@@ -9,9 +9,9 @@ import argparse
 
 
 def cmd_deploy(args) -> int:
-    from slimflow.flows.cli import _prefect_defaults
+    from slimflow.flows.cli_console import prefect_defaults
 
-    _prefect_defaults()
+    prefect_defaults()
     from slimflow.flows.config import load_config
     from slimflow.flows.deploy import build_deployments, default_out, register_deployments, serve_deployments
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+
+from slimflow.flows.cli_args import no_wait_arg, positive_int
 
 _SERVE_DESC = (
     "`slimflow teacher CONFIG` runs the teacher stage (fit the teacher). `slimflow teacher serve CONFIG` serves "
@@ -26,10 +29,8 @@ def cmd_teacher(args) -> int:
         return cmd_teacher_serve(args)
     if args.serve_config:
         raise ValueError(f"slimflow teacher: unexpected argument {args.serve_config!r} (did you mean `teacher serve`?)")
-    from slimflow.flows.cli import cmd_stage
-
     args.command = "teacher"
-    return cmd_stage(args)
+    return args.run_stage(args)
 
 
 def cmd_teacher_serve(args) -> int:
@@ -50,17 +51,14 @@ def cmd_teacher_serve(args) -> int:
     return 0
 
 
-def add_teacher_commands(sub) -> None:
-    """Make ``teacher`` take ``serve CONFIG`` as well as ``CONFIG`` (the stage), with the service's options."""
-    from slimflow.flows.cli import positive_int
-
+def add_teacher_commands(sub, run_stage: Callable[[argparse.Namespace], int]) -> None:
+    """Make ``teacher`` take ``serve CONFIG`` as well as ``CONFIG`` (the stage, run by ``run_stage``: the CLI's
+    stage command, passed in so this module needs no import of the CLI), with the service's options."""
     tp = sub.choices.get("teacher")
     if tp is None:
         tp = sub.add_parser("teacher", help="fit the teacher (stage), or `teacher serve CONFIG` to serve it")
         tp.add_argument("config", help="the run's YAML config, or `serve`")
         tp.add_argument("--out", help="run directory (default: ./runs/<name>)")
-        from slimflow.flows.cli import no_wait_arg
-
         no_wait_arg(tp)
     tp.description = _SERVE_DESC
     tp.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -72,4 +70,4 @@ def add_teacher_commands(sub) -> None:
                    "a command line is visible to other users")
     g.add_argument("--max-texts", type=positive_int, default=1024, help="most texts one request may hold (413 beyond)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    tp.set_defaults(func=cmd_teacher)
+    tp.set_defaults(func=cmd_teacher, run_stage=run_stage)

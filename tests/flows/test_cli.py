@@ -65,3 +65,46 @@ def test_data_export_writes_disjoint_splits(tmp_path, capsys):
     assert len(texts["unlabelled"]) == 12752 - 2100
     all_texts = [t for v in texts.values() for t in v]
     assert len(all_texts) == len(set(all_texts))
+
+
+def test_the_teacher_command_runs_the_stage_or_serves(tmp_path, capsys):
+    # `teacher CONFIG` is the stage (flows/cli.py hands its stage command to flows/cli_teacher.py)
+    assert main(["teacher", str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.yaml not found" in err
+    assert main(["teacher", "serve"]) == 1
+    assert "give the run's CONFIG" in capsys.readouterr().err
+
+
+def _import_cycles() -> list[set[str]]:
+    """Groups of slimflow modules that import each other, directly or through others (imports inside functions
+    included): the strongly connected components of the import graph with more than one module."""
+    from pathlib import Path
+
+    import slimflow.flows
+    from slimflow.tasks import code_version as cv
+
+    packages = {**cv.PACKAGES, "slimflow.flows": Path(slimflow.flows.__file__).resolve().parent}
+    modules = {cv._module_name(f, packages) for folder in packages.values() for f in folder.rglob("*.py")}
+    graph = {m: {n for n in cv._imports([cv._tree(cv.module_file(m, packages))], m, packages)
+                 if n != m and not m.startswith(n + ".")} for m in modules}  # a package's __init__ is no cycle
+
+    def reach(m: str) -> set[str]:
+        seen, todo = set(), [m]
+        while todo:
+            for n in graph[todo.pop()] - seen:
+                seen.add(n)
+                todo.append(n)
+        return seen
+
+    reached = {m: reach(m) for m in modules}
+    cycles = {frozenset({m} | {n for n in reached[m] if m in reached[n]}) for m in modules if m in reached[m]}
+    return [set(c) for c in cycles]
+
+
+def test_no_import_cycles_in_the_cli_or_the_students_tokens():
+    """Issue 13: flows/cli*.py imported each other, and tasks/students/chars.py <-> vocab.py."""
+    cycles = _import_cycles()
+    named = {"slimflow.flows.cli", "slimflow.flows.cli_ops", "slimflow.flows.cli_teacher",
+             "slimflow.tasks.students.chars", "slimflow.tasks.students.vocab"}
+    assert not [c for c in cycles if c & named], cycles
