@@ -30,7 +30,7 @@ test-deps:
 	bash scripts/ci-postgres.sh
 
 test: setup lint test-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 bench: setup
 	@set -e; for b in bench/[a-z]*.py; do echo "== $$b"; $(PY) $$b; done
