@@ -47,9 +47,11 @@ def resolve_device(device: str) -> str:
 
 def load_teacher_parts(teacher_dir: str, *, cache_dir: str | None = None, trust_remote_code: bool = False):
     """(encoder or seq-cls model, fitted head or None, teacher.json's weights_hash) of a fitted teacher, fp32 CPU."""
+    import torch
     from slimflow.tasks.teacher.model import load_teacher, read_teacher_json
 
-    t = load_teacher(teacher_dir, device="cpu", dtype="fp32", threads=None, cache_dir=cache_dir,
+    # threads: the caller's setting (train_student's transformer.threads); None would reset torch to all cores.
+    t = load_teacher(teacher_dir, device="cpu", dtype="fp32", threads=torch.get_num_threads(), cache_dir=cache_dir,
                      trust_remote_code=trust_remote_code, reuse=False)
     return t.model, t.head, read_teacher_json(teacher_dir)["weights_hash"]
 
