@@ -68,7 +68,13 @@ def prepare_run(work: str, smoke: bool):
         from slimflow.flows.demo import write_demo_config
 
         config = load_config(write_demo_config(os.path.join(work, "demo"), "quick"))
-    run_stages(config, run, ["ingest", "segment", "augment", "teacher", "label"])
+    from slimflow.storage.layout import RunLayout
+    from slimflow.storage.manifest import read_manifest
+
+    # A --work directory from an earlier run keeps its stages: the label manifest (written last) says they are
+    # done, and no Prefect server need start (on a loaded machine its startup alone can time out).
+    if read_manifest(RunLayout(run).stage_dir("label")) is None:
+        run_stages(config, run, ["ingest", "segment", "augment", "teacher", "label"])
     return config, run
 
 
@@ -98,6 +104,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-len", type=int, default=64, help="subword pieces per text (config default 128)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
+    ap.add_argument("--train-shards", type=int, default=None,
+                    help="train on the first N label shards only (a partial run; recorded in the results)")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of: " + ", ".join(RECIPES))
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one, removed afterwards)")
     ap.add_argument("--smoke", action="store_true", help="tiny random BERT on random texts: the plumbing only")
@@ -127,6 +135,7 @@ def main() -> None:
     layout = RunLayout(run)
     seg, lab = read_manifest(layout.stage_dir("segment")), read_manifest(layout.stage_dir("label"))
     labels = lab.extra["labels"]
+    train_refs = lab.shards[: args.train_shards] if args.train_shards else lab.shards
     teacher_dir = layout.path("teacher", "model")
     base = resolve_base(config.teacher.model, config.teacher.cache_dir)
     # The corpus the pipeline's vocabulary task reads (train + unlabelled), no size cap: every piece kept.
@@ -171,7 +180,7 @@ def main() -> None:
         settings = {**common, **RECIPES[name]}
         out_dir = os.path.join(work, "students", name)
         t0 = time.perf_counter()
-        res = train_student(run, kind="transformer", mode="distilled", train_refs=lab.shards,
+        res = train_student(run, kind="transformer", mode="distilled", train_refs=train_refs,
                             dev_refs=seg.split("dev"), vocab=vocab, labels=labels, out_dir=out_dir,
                             transformer=settings, teacher_dir=teacher_dir, progress=True)
         train_s = time.perf_counter() - t0
@@ -229,7 +238,8 @@ def main() -> None:
         name, goals, teacher=teacher_row, students=rows, winner=winner,
         settings={"epochs": args.epochs, "max_len": args.max_len, "layers": layers, "teacher_layers": n_layers,
                   "config_defaults": {"epochs": 3, "max_len": 128}, "recipes": {k: RECIPES[k] for k in rows},
-                  "train_rows": sum(r.rows for r in lab.shards), "test_texts": len(texts),
+                  "train_rows": sum(r.rows for r in train_refs), "label_rows": sum(r.rows for r in lab.shards),
+                  "train_shards": [r.path for r in train_refs], "test_texts": len(texts),
                   "speed_texts": len(speed_texts), "vocab_pieces": len(vocab), "smoke": args.smoke},
         notes=("Fewer epochs and a shorter max_len than the config defaults (3, 128), to finish within ~40 "
                "minutes on a 2-core CPU. Size on disk: the served model file against the teacher's weights file; "
