@@ -71,13 +71,16 @@ def export_onnx(model, path: str, opset: int = 18) -> None:
 
 def quantize_onnx(fp32_path: str, path: str) -> None:
     """int8 weights, activations quantised per call (onnxruntime's dynamic quantisation: ERNIE 3.0's PTQ step for
-    its served tiny models). MatMul and Gather: the layers' weights and the embedding table both shrink 4x."""
+    its served tiny models). MatMul and Gather: the layers' weights and the embedding table both shrink 4x.
+    per_channel: one scale per output column; on the partial bench run (bench/results/transformer_student.json)
+    int8/fp32 agreement on 600 test reviews rose from 0.898 (one scale per tensor) to 0.935 at the same size."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing": optional
-    quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+    quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                     per_channel=True)
 
 
 def export_torchscript(model, path: str) -> None:
