@@ -268,6 +268,11 @@ class Config(_Section):
             raise ValueError(f"name {v!r} must be 1-64 letters, digits, '.', '_' or '-' (it names a directory)")
         return v
 
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict | None = None) -> Config:
+        """The config in a YAML file, relative data paths resolved against its folder (``load_config``)."""
+        return load_config(path, overrides)
+
 
 def _resolve_paths(raw: dict, base: Path, source: Path) -> dict:
     data = raw.get("data") or {}
@@ -313,11 +318,6 @@ def format_validation_error(e: ValidationError, source: str) -> str:
             msg = f"{msg} (got {err.get('input')!r})"
         lines.append(f"{loc}: {msg}")
     return f"invalid config {source}: " + "; ".join(lines)  # one line, as every CLI error
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: dict | None = None) -> Config:
-        """The config in a YAML file, relative data paths resolved against its folder (``load_config``)."""
-        return load_config(path, overrides)
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:

@@ -60,3 +60,11 @@ def test_load_student_predicts_what_slimflow_predict_prints(tmp_path):
     printed = [line.split("\t") for line in cli.stdout.splitlines()]
     assert [p[1] for p in printed] == labels
     np.testing.assert_allclose([float(p[2]) for p in printed], probs.max(-1), atol=1e-4)
+
+
+def test_config_from_yaml_resolves_data_paths_against_the_file(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "my.yaml").write_text("lang: en\ndata: {train: train.csv}\nstudents: [bow]\n")
+    config = slimflow.Config.from_yaml(tmp_path / "cfg" / "my.yaml")
+    assert config.lang == "en" and config.students == ["bow"]
+    assert config.data.train == str((tmp_path / "cfg" / "train.csv").resolve())
