@@ -193,17 +193,9 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
               "init": init}
     fp = fingerprint("train_student", params, [r.sha256 for r in train_refs], [r.sha256 for r in dev_refs],
                      vocab.fingerprint, list(labels))
-    makedirs(out_dir)
-    result_path, last_path, best_path = (join(out_dir, n) for n in ("result.json", "last.pt", "best.pt"))
-    if exists(result_path):
-        done = json.loads(read_bytes(result_path).decode("utf-8"))
-        # Its files must still be the ones it went with: a later call for other inputs, killed midway, may have
-        # rewritten best.pt or vocab.json under it (issue 13). Then the training is redone (from last.pt).
-        if done.get("fingerprint") == fp and _files_match(out_dir, done):
-            return done
-
-    vocab.save(join(out_dir, "vocab.json"))
-    atomic_write_text(join(out_dir, "labels.json"), json.dumps(list(labels), ensure_ascii=False))
+    if (done := finished_training(out_dir, fp)) is not None:
+        return done
+    result_path, last_path, best_path = begin_training(out_dir, vocab, labels)
     model_config = {"kind": kind, "vocab_size": len(vocab), "num_classes": len(labels), "embed_dim": embed_dim,
                     "hidden": hidden, "dropout": dropout, "max_len": max_len, "lowercase": vocab.lowercase}
 
@@ -216,14 +208,11 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
     opt = _Optimizer(optimizer, model, lr)
     history: list[dict] = []
     start_epoch = 0
-    if exists(last_path):
-        state = _load(last_path)
-        if state.get("format") == CKPT_FORMAT and state.get("fingerprint") == fp:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            history, start_epoch = list(state["history"]), int(state["epoch"])
-        # else: written for other inputs or params; it is overwritten after the first epoch below.
+    if (state := resume_state(last_path, fp)) is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch = list(state["history"]), int(state["epoch"])
 
     train = ShardStream(run_dir, train_refs, mode=mode, vocab=vocab, labels=labels, batch_size=batch_size,
                         max_len=max_len, shuffle=True, shuffle_buffer=shuffle_buffer, seed=seed)
@@ -231,18 +220,10 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
                       max_len=max_len, shuffle=False)
     show = sys.stderr.isatty() if progress is None else progress
 
-    def best_so_far() -> tuple[float, int]:
-        best = max(history, key=lambda h: (h["dev_accuracy"], -h["epoch"]), default=None)
-        return (best["dev_accuracy"], best["epoch"]) if best else (-1.0, -1)
-
-    def stop_early() -> bool:
-        _, best_epoch = best_so_far()
-        return bool(history) and history[-1]["epoch"] - best_epoch >= patience
-
     epoch = start_epoch
-    while epoch < epochs and not stop_early():
+    while epoch < epochs and not stop_early(history, patience):
         entry = _run_epoch(model, opt, train, dev, epoch, params, show)
-        prev_best, _ = best_so_far()
+        prev_best, _ = best_epoch(history)
         history.append(entry)
         if entry["dev_accuracy"] > prev_best:
             # best.pt before last.pt: if killed in between, the resumed epoch rewrites the same best.pt.
@@ -255,14 +236,54 @@ def _train(run_dir: str, *, kind: str, mode: Mode, train_refs: list[ShardRef], d
         if on_epoch_end is not None:
             on_epoch_end(entry)
 
-    best_acc, best_epoch = best_so_far()
+    best_acc, best_at = best_epoch(history)
     result = {"fingerprint": fp, "kind": kind, "mode": mode, "best_dev_accuracy": best_acc,
-              "best_epoch": best_epoch, "epochs_run": len(history),
+              "best_epoch": best_at, "epochs_run": len(history),
               "stopped_early": len(history) < epochs, "checkpoint": best_path, "out_dir": out_dir,
               "params": params, "model_config": model_config, "labels": list(labels),
               "train_rows_skipped": train.skipped, "history": history, "files": _result_files(out_dir)}
     atomic_write_text(result_path, json.dumps(result, indent=1, ensure_ascii=False))
     return result
+
+
+def finished_training(out_dir: str, fp: str) -> dict | None:
+    """result.json of the training ``fp`` already done in ``out_dir``, or None. Its files must still be the ones
+    it went with: a later call for other inputs, killed midway, may have rewritten best.pt or vocab.json under it
+    (issue 13). Then the training is redone (from last.pt)."""
+    result_path = join(out_dir, "result.json")
+    if exists(result_path):
+        done = json.loads(read_bytes(result_path).decode("utf-8"))
+        if done.get("fingerprint") == fp and _files_match(out_dir, done):
+            return done
+    return None
+
+
+def begin_training(out_dir: str, vocab: Vocab, labels: list[str]) -> tuple[str, str, str]:
+    """Write the vocabulary and labels a training reads into ``out_dir``; its (result.json, last.pt, best.pt)."""
+    makedirs(out_dir)
+    vocab.save(join(out_dir, "vocab.json"))
+    atomic_write_text(join(out_dir, "labels.json"), json.dumps(list(labels), ensure_ascii=False))
+    return tuple(join(out_dir, n) for n in ("result.json", "last.pt", "best.pt"))
+
+
+def resume_state(last_path: str, fp: str) -> dict | None:
+    """The last.pt checkpoint of the training ``fp``, or None: one written for other inputs or params is
+    overwritten after the first epoch."""
+    if not exists(last_path):
+        return None
+    state = _load(last_path)
+    return state if state.get("format") == CKPT_FORMAT and state.get("fingerprint") == fp else None
+
+
+def best_epoch(history: list[dict]) -> tuple[float, int]:
+    """(dev accuracy, epoch) of the best epoch so far, the earliest on a tie; (-1, -1) before the first."""
+    best = max(history, key=lambda h: (h["dev_accuracy"], -h["epoch"]), default=None)
+    return (best["dev_accuracy"], best["epoch"]) if best else (-1.0, -1)
+
+
+def stop_early(history: list[dict], patience: int) -> bool:
+    """``patience`` epochs since the best one."""
+    return bool(history) and history[-1]["epoch"] - best_epoch(history)[1] >= patience
 
 
 def _result_files(out_dir: str) -> dict[str, dict]:
@@ -286,12 +307,9 @@ def _run_epoch(model, opt, train: ShardStream, dev: ShardStream, epoch: int, par
     from slimflow.tasks.students.losses import compute_loss
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
     model.train()
-    sums: dict[str, float] = {}
-    total_sum, rows = 0.0, 0
-    bar = tqdm(total=train.rows_upper_bound, desc=f"{params['kind']} {params['mode']} epoch {epoch + 1}",
-               unit="row", disable=not show, leave=False)
+    meter = EpochMeter(tqdm(total=train.rows_upper_bound, desc=f"{params['kind']} {params['mode']} epoch {epoch + 1}",
+                            unit="row", disable=not show, leave=False))
     for b in train.epoch(epoch):
         logits_s = model(torch.from_numpy(b.ids), torch.from_numpy(b.lengths))
         logits_t = torch.from_numpy(b.logits_t) if b.logits_t is not None else None
@@ -300,20 +318,34 @@ def _run_epoch(model, opt, train: ShardStream, dev: ShardStream, epoch: int, par
         opt.zero_grad()
         total.backward()
         opt.step()
-        n = len(b)
-        rows += n
-        total_sum += total.item() * n
+        meter.add(total.item(), parts, len(b))
+    return meter.close(epoch, *predict_stream(model, dev), len(train.labels))
+
+
+class EpochMeter:
+    """One training epoch's running figures: row-weighted mean loss and loss parts, shown on ``bar`` as they
+    go, and the epoch's history entry with the dev scores at the end."""
+
+    def __init__(self, bar):
+        self.bar, self.t0 = bar, time.perf_counter()
+        self.rows, self.total, self.parts = 0, 0.0, {}
+
+    def add(self, loss: float, parts: dict[str, float], n: int) -> None:
+        self.rows += n
+        self.total += loss * n
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v * n
-        bar.update(n)
-        bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)
-    bar.close()
-    y_true, y_pred = predict_stream(model, dev)
-    m = classification_metrics(y_true, y_pred, len(train.labels))
-    return {"epoch": epoch, "train_loss": total_sum / max(rows, 1),
-            "train_parts": {k: v / max(rows, 1) for k, v in sums.items()}, "train_rows": rows,
-            "dev_accuracy": m["accuracy"], "dev_macro_f1": m["macro_f1"], "dev_mcc": m["mcc"],
-            "seconds": time.perf_counter() - t0}
+            self.parts[k] = self.parts.get(k, 0.0) + v * n
+        self.bar.update(n)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self, epoch: int, y_true: list[int], y_pred: list[int], num_classes: int) -> dict:
+        self.bar.close()
+        m = classification_metrics(y_true, y_pred, num_classes)
+        rows = max(self.rows, 1)
+        return {"epoch": epoch, "train_loss": self.total / rows,
+                "train_parts": {k: v / rows for k, v in self.parts.items()}, "train_rows": self.rows,
+                "dev_accuracy": m["accuracy"], "dev_macro_f1": m["macro_f1"], "dev_mcc": m["mcc"],
+                "seconds": time.perf_counter() - self.t0}
 
 
 def load_student(train_dir: str):

@@ -22,16 +22,24 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
-from slimflow.storage.fs import atomic_write_text, exists, join, makedirs, read_bytes
+from slimflow.storage.fs import atomic_write_text
 from slimflow.storage.hashing import fingerprint
 from slimflow.storage.shards import ShardRef
 from slimflow.tasks.students.data import ShardStream
-from slimflow.tasks.students.evaluate import classification_metrics
-from slimflow.tasks.students.train import CKPT_FORMAT, _files_match, _load, _result_files, _save
+from slimflow.tasks.students.train import (
+    CKPT_FORMAT,
+    EpochMeter,
+    _result_files,
+    _save,
+    begin_training,
+    best_epoch,
+    finished_training,
+    resume_state,
+    stop_early,
+)
 from slimflow.tasks.students.vocab import Vocab
 
 METHODS = ("distill", "theseus")
@@ -88,14 +96,9 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
     params = {"kind": "transformer", "mode": mode, **{k: s[k] for k in keys}, "method": method}
     fp = fingerprint("train_student", params, [r.sha256 for r in train_refs], [r.sha256 for r in dev_refs],
                      vocab.fingerprint, list(labels), weights_hash)
-    makedirs(out_dir)
-    result_path, last_path, best_path = (join(out_dir, n) for n in ("result.json", "last.pt", "best.pt"))
-    if exists(result_path):
-        done = json.loads(read_bytes(result_path).decode("utf-8"))
-        if done.get("fingerprint") == fp and _files_match(out_dir, done):
-            return done
-    vocab.save(join(out_dir, "vocab.json"))
-    atomic_write_text(join(out_dir, "labels.json"), json.dumps(list(labels), ensure_ascii=False))
+    if (done := finished_training(out_dir, fp)) is not None:
+        return done
+    result_path, last_path, best_path = begin_training(out_dir, vocab, labels)
 
     from slimflow.tasks.students.train import _INIT_LOCK
 
@@ -133,26 +136,20 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
         opt, lambda k: min((k + 1) / warm, max(0.0, (total_steps - k) / max(1, total_steps - warm))))
     history: list[dict] = []
     start_epoch, step = 0, 0
-    if exists(last_path):
-        state = _load(last_path)
-        if state.get("format") == CKPT_FORMAT and state.get("fingerprint") == fp:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-            history, start_epoch, step = list(state["history"]), int(state["epoch"]), int(state["step"])
+    if (state := resume_state(last_path, fp)) is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch, step = list(state["history"]), int(state["epoch"]), int(state["step"])
     ctx = {"params": params, "settings": s, "teacher": teacher, "maps": layer_maps(model_config["layers"]),
            "modules": theseus_modules(model_config["layers"], n_teacher), "device": device,
            "total_steps": total_steps, "show": sys.stderr.isatty() if progress is None else progress}
 
-    def best_so_far() -> tuple[float, int]:
-        best = max(history, key=lambda h: (h["dev_accuracy"], -h["epoch"]), default=None)
-        return (best["dev_accuracy"], best["epoch"]) if best else (-1.0, -1)
-
     epoch = start_epoch
-    while epoch < s["epochs"] and not (history and history[-1]["epoch"] - best_so_far()[1] >= s["patience"]):
+    while epoch < s["epochs"] and not stop_early(history, s["patience"]):
         entry, step = _run_epoch(model, opt, sched, train, dev, epoch, step, ctx)
-        prev_best, _ = best_so_far()
+        prev_best, _ = best_epoch(history)
         history.append(entry)
         if entry["dev_accuracy"] > prev_best:
             _save({"format": CKPT_FORMAT, "model": _cpu_state(model), "config": model_config,
@@ -164,9 +161,9 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
         if on_epoch_end is not None:
             on_epoch_end(entry)
 
-    best_acc, best_epoch = best_so_far()
+    best_acc, best_at = best_epoch(history)
     result = {"fingerprint": fp, "kind": "transformer", "mode": mode, "best_dev_accuracy": best_acc,
-              "best_epoch": best_epoch, "epochs_run": len(history), "stopped_early": len(history) < s["epochs"],
+              "best_epoch": best_at, "epochs_run": len(history), "stopped_early": len(history) < s["epochs"],
               "checkpoint": best_path, "out_dir": out_dir, "params": params, "model_config": model_config,
               "labels": list(labels), "train_rows_skipped": train.skipped, "history": history,
               "files": _result_files(out_dir)}
@@ -242,13 +239,10 @@ def _clone(feats):
 def _run_epoch(model, opt, sched, train: ShardStream, dev: ShardStream, epoch: int, step: int, ctx: dict):
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
     params = ctx["params"]
     model.train()
-    sums: dict[str, float] = {}
-    total_sum, rows = 0.0, 0
-    bar = tqdm(total=train.rows_upper_bound, desc=f"transformer {params['mode']} epoch {epoch + 1}", unit="row",
-               disable=not ctx["show"], leave=False)
+    meter = EpochMeter(tqdm(total=train.rows_upper_bound, desc=f"transformer {params['mode']} epoch {epoch + 1}",
+                            unit="row", disable=not ctx["show"], leave=False))
     for b in train.epoch(epoch):
         with _autocast(ctx["device"]):
             total, parts = _step_loss(model, b, step, ctx)
@@ -257,20 +251,8 @@ def _run_epoch(model, opt, sched, train: ShardStream, dev: ShardStream, epoch: i
         opt.step()
         sched.step()
         step += 1
-        n = len(b)
-        rows += n
-        total_sum += total.item() * n
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v * n
-        bar.update(n)
-        bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)
-    bar.close()
-    y_true, y_pred = predict(model, dev, ctx["device"])
-    m = classification_metrics(y_true, y_pred, len(train.labels))
-    return {"epoch": epoch, "train_loss": total_sum / max(rows, 1),
-            "train_parts": {k: v / max(rows, 1) for k, v in sums.items()}, "train_rows": rows,
-            "dev_accuracy": m["accuracy"], "dev_macro_f1": m["macro_f1"], "dev_mcc": m["mcc"],
-            "seconds": time.perf_counter() - t0}, step
+        meter.add(total.item(), parts, len(b))
+    return meter.close(epoch, *predict(model, dev, ctx["device"]), len(train.labels)), step
 
 
 def predict(model, stream: ShardStream, device: str = "cpu") -> tuple[list[int], list[int]]:
