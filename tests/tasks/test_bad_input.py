@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -244,7 +245,8 @@ class _StubPredictor:
         for t in texts:
             t.encode("utf-8")  # raises on a lone surrogate, as the tokenisers did
         _StubPredictor.batches.append(len(texts))
-        return [("pos" if len(t) % 2 else "neg", 0.75) for t in texts]
+        labels = ["pos" if len(t) % 2 else "neg" for t in texts]  # Predictor.predict: (labels, [N, C] probs)
+        return labels, np.array([[0.25, 0.75] if lab == "pos" else [0.75, 0.25] for lab in labels])
 
 
 def _stdin(data: bytes):
