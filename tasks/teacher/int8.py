@@ -22,7 +22,7 @@ import copy
 import logging
 import warnings
 
-from slimflow.tasks.teacher.model import TeacherError
+from slimflow.tasks.teacher.errors import TeacherError
 from slimflow.tasks.teacher.precision import PROBE_BUDGET_S, GemmShape, cached_measure, time_gemms
 
 log = logging.getLogger(__name__)

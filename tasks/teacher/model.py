@@ -24,6 +24,7 @@ from typing import Any
 
 from slimflow.storage.fs import exists, join, read_bytes
 from slimflow.storage.schema import MASK_PLACEHOLDER
+from slimflow.tasks.teacher.errors import TeacherError
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 # first quarter of the budget and the last three quarters: Sun et al. 2019 ("How to fine-tune BERT for text
 # classification", table 3) found head 128 + tail 382 of 512 the best on long IMDb / Sogou documents.
 TRUNCATIONS = ("head", "head_tail")
-
-
-class TeacherError(ValueError):
-    """A teacher cannot be loaded or does not fit the task: the message says what and how to fix it."""
 
 
 def check_truncation(truncation: str) -> str:
