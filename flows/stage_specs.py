@@ -284,24 +284,23 @@ def _evaluate(run: StageRun) -> Output:
 
 # The pipeline, in the order it runs (storage/layout.py's STAGES, which tests/flows/test_stage_specs.py checks).
 STAGE_SPECS = (
-    Stage("ingest", "Read and validate the inputs; quarantine bad rows; split; write content-addressed shards.",
-          reads=(), keyed_by=(), tasks=(ingest_task,), plan=_ingest),
-    Stage("segment", "Words + POS tags once per source row (jieba for zh, spaCy for en).",
-          reads=("ingest",), keyed_by=("ingest",), tasks=(segment_task,), plan=_segment),
-    Stage("augment", "UNK masking, same-POS substitution and n-gram sampling of the labelled train rows.",
-          reads=("segment",), keyed_by=("segment",), tasks=(pos_table_task, augment_task), plan=_augment),
-    Stage("teacher", "Step 1: make the teacher ready on the labelled rows (frozen encoder + head, fine-tune, or as "
-          "given).", reads=("segment",), keyed_by=("segment",), tasks=(embed_task, fit_teacher_task), plan=_teacher),
-    Stage("label", "Step 2: the teacher labels every original, augmented and unlabelled row, shard by shard.",
-          reads=("segment", "augment", "teacher"), keyed_by=("segment", "augment", "teacher"), tasks=(label_task,),
-          plan=_label),
-    Stage("train", "Step 3: every student kind twice, from the same code: on gold labels (baseline) and on the "
-          "teacher's.", reads=("segment", "label"), keyed_by=("segment", "label"),
+    Stage("ingest", reads=(), keyed_by=(), tasks=(ingest_task,), plan=_ingest,
+          doc="Read and validate the inputs; quarantine bad rows; split; write content-addressed shards."),
+    Stage("segment", reads=("ingest",), keyed_by=("ingest",), tasks=(segment_task,), plan=_segment,
+          doc="Words + POS tags once per source row (jieba for zh, spaCy for en)."),
+    Stage("augment", reads=("segment",), keyed_by=("segment",), tasks=(pos_table_task, augment_task), plan=_augment,
+          doc="UNK masking, same-POS substitution and n-gram sampling of the labelled train rows."),
+    Stage("teacher", reads=("segment",), keyed_by=("segment",), tasks=(embed_task, fit_teacher_task), plan=_teacher,
+          doc="Step 1: make the teacher ready on the labelled rows (frozen encoder + head, fine-tune, or as given)."),
+    Stage("label", reads=("segment", "augment", "teacher"), keyed_by=("segment", "augment", "teacher"),
+          tasks=(label_task,), plan=_label,
+          doc="Step 2: the teacher labels every original, augmented and unlabelled row, shard by shard."),
+    Stage("train", reads=("segment", "label"), keyed_by=("segment", "label"), read=_train_inputs,
           tasks=(vocab_task, vectors_task, train_task), online_tasks=(online_train_task,), plan=_train,
-          read=_train_inputs),
-    Stage("export", "Each distilled student as ONNX + TorchScript, with its vocabulary, labels and segmentation "
-          "settings.", reads=("train",), keyed_by=("train",), tasks=(export_task,), plan=_export),
-    Stage("evaluate", "Teacher vs baseline vs distilled students on the test split: accuracy, macro-F1, MCC, "
-          "texts/s, size.", reads=("segment", "teacher", "train"), keyed_by=("teacher", "train"),
-          tasks=(evaluate_teacher_task, evaluate_student_task), plan=_evaluate),
+          doc="Step 3: every student kind twice, from the same code: on gold labels (baseline) and on the teacher's."),
+    Stage("export", reads=("train",), keyed_by=("train",), tasks=(export_task,), plan=_export,
+          doc="Each distilled student as ONNX + TorchScript, with its vocabulary, labels and segmentation settings."),
+    Stage("evaluate", reads=("segment", "teacher", "train"), keyed_by=("teacher", "train"),
+          tasks=(evaluate_teacher_task, evaluate_student_task), plan=_evaluate,
+          doc="Teacher vs baseline vs distilled students on the test split: accuracy, macro-F1, MCC, texts/s, size."),
 )
