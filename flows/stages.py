@@ -210,8 +210,9 @@ def run_stage(stage: Stage, config: Config, out: str, rerun: dict | None = None)
     """Run one stage: require the manifests it reads, run its plan (its task groups), and commit its manifest,
     last; return its result for the report.
 
-    Every manifest's fingerprint is made here, and only here: the fingerprints of the stages that key it, then its
-    sources (ingest) and its params (when it has any), then its code version. Equal fingerprints mean equal
+    Every committed manifest's fingerprint is made here, and only here: the fingerprints of the stages that key
+    it, then its sources (ingest) and its params (when it has any: export and evaluate have none, and their
+    fingerprints are what they were before this runner), then its code version. Equal fingerprints mean equal
     outputs, and a changed input moves every fingerprint downstream of it.
     """
     layout = RunLayout(out)
