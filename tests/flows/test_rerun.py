@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from slimflow.flows.config import Config, load_config
@@ -19,11 +21,38 @@ def _hashes(out, stage):
     return {r.shard_id: r.sha256 for r in read_manifest(RunLayout(out).stage_dir(stage)).shards}
 
 
+@dataclass(frozen=True)
+class ChainRun:
+    cfg: str  # the YAML config
+    out: Path  # the run directory, through train: tests copy it, never change it
+    report: dict  # the run's report
+    home: Path  # the PREFECT_HOME it ran under
+
+    def copy(self, dest: Path) -> str:
+        """The run directory copied to ``dest`` (a moved run directory, as far as any cache can tell)."""
+        shutil.copytree(self.out, dest)
+        return str(dest)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """One run of the chain config (tiny random BERT, 120 zh reviews) up to train, shared by this module's tests:
+    each whole-pipeline run costs tens of seconds of Prefect bookkeeping, and the tests below only need one
+    finished run to change something on."""
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    root = tmp_path_factory.mktemp("chain")
+    cfg = _chain_config(root, n=120)
+    home = root / "home-0"
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
+        report = run_flow(config=load_config(cfg), out=str(root / "run"), until="train")
+    return ChainRun(cfg, root / "run", report, home)
+
+
 @pytest.mark.slow
-def test_rerun_one_label_shard_then_only_its_dependents(tmp_path):
-    config = load_config(_chain_config(tmp_path, n=120))
-    out = str(tmp_path / "run")
-    run_flow(config=config, out=out, until="train")
+def test_rerun_one_label_shard_then_only_its_dependents(chain, tmp_path):
+    config = load_config(chain.cfg)
+    out = chain.copy(tmp_path / "run")
     labels = _hashes(out, "label")
     shard = sorted(labels)[0]
 
@@ -65,11 +94,11 @@ def test_shard_is_refused_for_the_teacher_stage_unless_it_embeds_per_shard(tmp_p
 
 
 @pytest.mark.slow
-def test_execution_only_settings_re_execute_no_task(tmp_path):
-    config = load_config(_chain_config(tmp_path, n=120))
-    out = str(tmp_path / "run")
+def test_execution_only_settings_re_execute_no_task(chain, tmp_path):
+    config = load_config(chain.cfg)
+    out = chain.copy(tmp_path / "run")
     first = run_flow(config=config, out=out)  # every stage: label and evaluate read the teacher's settings
-    assert first["tasks"]["executed"] > 0
+    assert first["tasks"]["by_stage"]["evaluate"]["executed"] > 0  # export and evaluate ran on top of the copy
     # All four at once, one rerun (each is ~30 s here): a setting that keyed any task would make that task
     # execute, so one run with every setting changed proves each of them keys nothing.
     change = {"teacher": config.teacher.model_copy(update={"threads": 2, "cache_dir": str(tmp_path / "other")}),
@@ -81,10 +110,9 @@ def test_execution_only_settings_re_execute_no_task(tmp_path):
 
 
 @pytest.mark.slow
-def test_p_mask_re_executes_augment_its_labels_and_training_only(tmp_path):
-    config = load_config(_chain_config(tmp_path, n=120))
-    out = str(tmp_path / "run")
-    run_flow(config=config, out=out, until="train")
+def test_p_mask_re_executes_augment_its_labels_and_training_only(chain, tmp_path):
+    config = load_config(chain.cfg)
+    out = chain.copy(tmp_path / "run")
     upstream = ("ingest", "segment", "teacher")
     before = {s: _hashes(out, s) for s in upstream}
     n_label = len(_hashes(out, "label"))
@@ -103,32 +131,21 @@ def test_p_mask_re_executes_augment_its_labels_and_training_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_cache_lives_in_the_run_directory(tmp_path):
-    """A fresh PREFECT_HOME (a recreated container) and then a moved run directory: the run executes no task."""
-    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+def test_the_cache_lives_in_the_run_directory(chain, tmp_path):
+    """A fresh PREFECT_HOME (a recreated container) and a moved run directory: the run executes no task."""
+    first = chain.report["tasks"]
+    assert first["executed"] > 0
+    assert not [p for p in (chain.home / "storage").rglob("*") if p.is_file()]  # nothing in Prefect's home
+    assert len(list((chain.out / ".prefect-cache").iterdir())) >= first["executed"]
 
-    cfg = _chain_config(tmp_path, n=120)
-    out = tmp_path / "run"
-    home = tmp_path / "home-0"
-    with temporary_settings({PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
-        first = run_flow(config=load_config(cfg), out=str(out))
-    assert first["tasks"]["executed"] > 0
-    assert not [p for p in (home / "storage").rglob("*") if p.is_file()]  # nothing in Prefect's home
-    assert len(list((out / ".prefect-cache").iterdir())) >= first["tasks"]["executed"]
-
-    def run_elsewhere(where, home):  # a new process, as a recreated container or another machine would be
-        env = {**_env(), "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
-        proc = subprocess.run(_slimflow("run", cfg, "--out", str(where)), env=env, capture_output=True, text=True,
-                              timeout=900)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads((where / "report.json").read_text())["tasks"]
-
-    total = first["tasks"]["executed"] + first["tasks"]["cached"]
-    again = run_elsewhere(out, tmp_path / "home-1")
-    assert (again["executed"], again["cached"]) == (0, total), again["by_stage"]
-
-    moved = tmp_path / "elsewhere" / "run"
-    shutil.move(out, moved)
-    there = run_elsewhere(moved, tmp_path / "home-2")
-    assert (there["executed"], there["cached"]) == (0, total), there["by_stage"]
-    assert not out.exists()
+    # In a new process, as a recreated container or another machine would be, with a PREFECT_HOME that never
+    # saw the run, on the run directory moved elsewhere: any cache record kept outside the run directory, or
+    # keyed by its path, would make a task execute here.
+    moved = Path(chain.copy(tmp_path / "elsewhere" / "run"))
+    home = tmp_path / "home-1"
+    env = {**_env(), "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
+    proc = subprocess.run(_slimflow("run", chain.cfg, "--out", str(moved), "--until", "train"), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    there = json.loads((moved / "report.json").read_text())["tasks"]
+    assert (there["executed"], there["cached"]) == (0, first["executed"] + first["cached"]), there["by_stage"]
