@@ -29,8 +29,10 @@ lint: setup
 test-deps:
 	bash scripts/ci-postgres.sh
 
+# One worker per core (at most 4), a test file at a time per worker: most of a flow test's time is waiting on
+# the Prefect server, not the CPU. Each worker runs its own server (tests/flows/conftest.py).
 test: setup lint test-deps
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=20
 
 bench: setup
 	@set -e; for b in bench/[a-z]*.py; do echo "== $$b"; $(PY) $$b; done
