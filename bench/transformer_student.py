@@ -99,6 +99,17 @@ def served(export_dir: str, backend: str, texts: list[str], speed_texts: list[st
     return {"pred": [p.labels[k] for k in probs.argmax(-1)], **speed(p.predict_proba, speed_texts)}
 
 
+def _partial(args, train_refs, label_shards) -> str | None:
+    """What this run left out of the bench's full protocol, said in the results (None: nothing)."""
+    left = []
+    if len(train_refs) < len(label_shards):
+        left.append(f"training read the first {len(train_refs)} of {len(label_shards)} label shards "
+                    f"({sum(r.rows for r in train_refs):,} of {sum(r.rows for r in label_shards):,} rows)")
+    if set(args.recipes.split(",")) != set(RECIPES):
+        left.append(f"only the recipes {args.recipes}")
+    return "; ".join(left) or None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=1)
@@ -245,7 +256,8 @@ def main() -> None:
                "minutes on a 2-core CPU. Size on disk: the served model file against the teacher's weights file; "
                "the export folder also holds the teacher's whole tokenizer (tokenizer.json, ~17 MB for e5), "
                "recorded as size_bytes.tokenizer / folder."),
-        seconds={"prepare_through_label": prefix_s, "total": time.perf_counter() - t_start})
+        seconds={"prepare_through_label": prefix_s, "total": time.perf_counter() - t_start},
+        **({"partial": partial} if (partial := _partial(args, train_refs, lab.shards)) else {}))
     print(f"\nwrote {path}")
     tmp.cleanup()
 
