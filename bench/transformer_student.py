@@ -196,9 +196,10 @@ def main() -> None:
                             transformer=settings, teacher_dir=teacher_dir, progress=True)
         train_s = time.perf_counter() - t0
         export_dir = os.path.join(work, "export", name)
-        export_student(out_dir, export_dir, lang=config.lang)
+        meta = export_student(out_dir, export_dir, lang=config.lang)
         row = {"train_seconds": train_s, "best_dev_accuracy": res["best_dev_accuracy"],
-               "epochs_run": res["epochs_run"], "train_parts": res["history"][-1]["train_parts"]}
+               "epochs_run": res["epochs_run"], "train_parts": res["history"][-1]["train_parts"],
+               "int8_weights": meta.get("int8")}  # the measured U8S8 / U8U8 choice (tasks/students/export.py)
         for backend in ("onnx", "onnx_int8"):
             r = isolated(served, export_dir, backend, texts, speed_texts)
             m = classification_metrics([lab_id[g] for g in gold], [lab_id[p] for p in r["pred"]], len(labels))
