@@ -36,7 +36,8 @@ def main() -> None:
     import httpx
     import yaml
     from slimflow.flows.config import load_config
-    from slimflow.flows.pipeline import _label_inputs, run_flow
+    from slimflow.flows.pipeline import run_flow
+    from slimflow.flows.stage_specs import label_inputs
     from slimflow.storage.fs import join
     from slimflow.storage.layout import RunLayout
     from slimflow.storage.manifest import read_manifest
@@ -66,7 +67,7 @@ def main() -> None:
     layout = RunLayout(out)
     seg, aug, teacher = (read_manifest(layout.stage_dir(s)) for s in ("segment", "augment", "teacher"))
     weights, labels = teacher.extra["teacher"]["weights_hash"], teacher.extra["labels"]
-    inputs = _label_inputs(seg, aug)
+    inputs = label_inputs(seg, aug)
     n_texts = sum(r.rows for _, r in inputs)
     vocab = build_vocab_from_shards(out, [r for r in seg.shards if r.split in ("train", "unlabelled")])
     common = dict(kind="bilstm", mode="distilled", dev_refs=seg.split("dev"), vocab=vocab, labels=labels,

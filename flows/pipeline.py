@@ -16,9 +16,8 @@ from prefect import flow, tags
 from slimflow.flows.config import Config
 from slimflow.flows.report import write_report
 from slimflow.flows.runners import shared_cluster, with_runner
-from slimflow.flows.stage_specs import STAGE_SPECS, label_inputs, teacher_devices
+from slimflow.flows.stage_specs import STAGE_SPECS, teacher_devices
 from slimflow.flows.stages import Stage, StageOrderError, run_stage
-from slimflow.flows.stages import require as require  # re-exported: callers import it from here
 from slimflow.storage.fs import atomic_write_text, exists, read_bytes
 from slimflow.storage.layout import STAGES, RunLayout
 from slimflow.storage.lock import run_lock
@@ -70,7 +69,6 @@ assert tuple(STAGE_FLOWS) == PIPELINE, "flows/stage_specs.py describes the stage
 # One module attribute per stage flow: prefect.yaml's entrypoints (slimflow.flows.pipeline.ingest_flow ...).
 ingest_flow, segment_flow, augment_flow, teacher_flow, label_flow, train_flow, export_flow, evaluate_flow = (
     STAGE_FLOWS.values())
-_label_inputs = label_inputs  # bench/online.py imports it from here
 
 
 DEVICE_STAGES = ("teacher", "label", "evaluate")

@@ -258,9 +258,9 @@ def _evaluate(run: StageRun) -> Output:
 
     seg, teacher, tr = (run.inputs[s] for s in ("segment", "teacher", "train"))
     config, out = run.config, run.out
-    test = [r.to_dict() for r in seg.split("test")]
     # Texts each model reads truncated are counted on every labelled split (issue 11).
     splits = {s: [r.to_dict() for r in seg.split(s)] for s in ("train", "dev", "test")}
+    test = splits["test"]
     texts = [t for r in seg.split("test") for t in read_shard(out, r, columns=["text"]).column("text").to_pylist()]
     # Evenly spaced over the test split, not its first rows: a split may be in file order (the demo's is all
     # positive reviews, then all negative), and text length, which sets both sides' speed, differs by class.

@@ -134,8 +134,7 @@ def _probabilities(model_path: str, inputs):
 
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, dict(zip(INPUTS, inputs)))
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+    return _softmax(logits)
 
 
 def export_torchscript(model, path: str) -> None:
