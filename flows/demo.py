@@ -6,6 +6,7 @@ unlabelled text from the same source, fixed dev and test splits, the default off
 
 from __future__ import annotations
 
+import json
 import os
 
 import yaml
@@ -29,14 +30,21 @@ PRESETS = {
 
 def write_demo_config(out: str, preset: str) -> str:
     """Export the data into ``out/data`` and write ``out/config.yaml``; returns the config path."""
+    from slimflow.storage.fs import atomic_write_text
     from slimflow.tasks.datasets import export_dataset
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[preset]
     data_dir = os.path.join(out, "data")
-    if not all(os.path.exists(os.path.join(data_dir, f"{s}.csv")) for s in ("train", "dev", "test", "unlabelled")):
+    # The sizes the data was exported at, beside it: a directory made by an earlier version of a preset (other
+    # sizes) is exported again, not silently reused. Same sizes -> the same files, so the run's cache still holds.
+    stamp = os.path.join(data_dir, "sizes.json")
+    sizes = json.dumps({"dataset": "zh-reviews", "labelled": p["labelled"], "unlabelled": p["unlabelled"]})
+    have = all(os.path.exists(os.path.join(data_dir, f"{s}.csv")) for s in ("train", "dev", "test", "unlabelled"))
+    if not (have and _read(stamp) == sizes):
         export_dataset("zh-reviews", data_dir, labelled=p["labelled"], unlabelled=p["unlabelled"])
+        atomic_write_text(stamp, sizes)
     config = {
         "name": f"demo-{preset}",
         "lang": "zh",
@@ -51,3 +59,11 @@ def write_demo_config(out: str, preset: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f, allow_unicode=True, sort_keys=False)
     return path
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

@@ -41,3 +41,18 @@ def test_full_preset_trains_the_transformer_student_with_the_bench_winner(tmp_pa
 def test_unknown_preset_names_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="quick"):
         write_demo_config(str(tmp_path), "huge")
+
+
+def test_data_of_an_earlier_preset_version_is_exported_again(tmp_path, monkeypatch):
+    from slimflow.flows import demo
+
+    write_demo_config(str(tmp_path), "quick")
+    train = tmp_path / "data" / "train.csv"
+    first = train.read_bytes()
+    # the same sizes again: the files are kept as they are (the run's cache keys on their content)
+    write_demo_config(str(tmp_path), "quick")
+    assert train.read_bytes() == first
+    # the preset changed its sizes since this directory was made: the data follows the preset
+    monkeypatch.setitem(demo.PRESETS, "quick", {**PRESETS["quick"], "labelled": 500})
+    write_demo_config(str(tmp_path), "quick")
+    assert _rows(train) == 500
