@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "text, fixed dev/test), write a config and run the whole pipeline with the offline "
                  "default teacher. Rerunning resumes.")
     sp.add_argument("--preset", choices=("quick", "full"), default="quick",
-                    help="quick (default, <15 min on 2 cores): 10,000 unlabelled rows, n_iter 1, BOW + BiLSTM; "
+                    help="quick (default, 20-30 min on 2 cores): 10,000 unlabelled rows, n_iter 1, BOW + BiLSTM; "
                     "full: every unlabelled row, n_iter 10, BOW + CNN + BiLSTM + transformer (~20 min on 2 cores "
                     "without the transformer, whose epochs there take ~1.5 h more; minutes on a GPU)")
     sp.add_argument("--out", help="run directory (default: ./runs/demo-<preset>)")

@@ -12,16 +12,18 @@ import os
 import yaml
 
 PRESETS = {
-    # quick: under 15 minutes on a 2-core CPU, where the teacher labels ~50 texts/s: ~14k texts labelled, spent
-    # mostly on unlabelled rows. With 6,000 unlabelled rows and 3 augmented copies per labelled row, the students
-    # did as well without the augmented rows as with them (zh-reviews and en-reviews); 10,000 unlabelled rows and
-    # one copy, at the same labelling cost, did better (bench/student_quality.py, its transfer_sets).
+    # quick: ~14k texts labelled (the teacher labels ~30-50 texts/s on a 2-core CPU), spent mostly on unlabelled
+    # rows; 20-30 minutes end to end there, against a goal of 15 (issue 15). With 6,000 unlabelled rows and 3
+    # augmented copies per labelled row, the students did as well without the augmented rows as with them
+    # (zh-reviews and en-reviews); 10,000 unlabelled rows and one copy, at the same labelling cost, did better
+    # (bench/student_quality.py, its transfer_sets).
     "quick": {"labelled": 2000, "unlabelled": 10000, "augment": {"n_iter": 1}, "students": ["bow", "bilstm"],
               "student": {"epochs": 6}},
     # full: the whole unlabelled pool, Tang et al.'s heavier augmentation, every student kind, the transformer
     # student included (issue 15). ~20 minutes on a 2-core CPU without the transformer (34k texts labelled); the
-    # transformer's epoch over those rows is the long part there (~15 rows/s at max_len 64: ~40 minutes), minutes
-    # on a GPU. Its settings are bench/transformer_student.py's winner: logits (kl) only, max_len 64.
+    # transformer's epochs over those rows are the long part there (~15 rows/s at max_len 64: ~40 minutes each,
+    # ~1.5 hours for two), minutes on a GPU. Its settings are bench/transformer_student.py's winner: logits (kl)
+    # only, max_len 64.
     "full": {"labelled": 2000, "unlabelled": None, "augment": {"n_iter": 10},
              "students": ["bow", "cnn", "bilstm", "transformer"], "student": {"epochs": 10},
              "transformer": {"losses": {"kl": 1.0}, "max_len": 64, "epochs": 2}},
