@@ -61,15 +61,10 @@ def prepare(name: str, lang: str, work: Path, sizes: dict) -> Path:
     """The dataset's run directory, labelled by the teacher (the pipeline up to its label stage). A rerun goes
     through the pipeline again: its cache executes only what changed (e.g. the preset's sizes)."""
     import yaml
-    from slimflow.tasks.datasets import export_dataset
+    from slimflow.flows.demo import export_data
 
     run = work / name
-    data = run / "data"
-    stamp = data / "sizes.json"
-    want = json.dumps({k: sizes[k] for k in ("labelled", "unlabelled")})
-    if not (stamp.exists() and stamp.read_text() == want):
-        export_dataset(name, str(data), labelled=sizes["labelled"], unlabelled=sizes["unlabelled"])
-        stamp.write_text(want)
+    export_data(name, str(run / "data"), sizes["labelled"], sizes["unlabelled"])
     cfg = {"name": name, "lang": lang, "data": {s: f"data/{s}.csv" for s in ("train", "dev", "test", "unlabelled")},
            "augment": {"n_iter": sizes["n_iter"]}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")

@@ -32,21 +32,10 @@ PRESETS = {
 
 def write_demo_config(out: str, preset: str) -> str:
     """Export the data into ``out/data`` and write ``out/config.yaml``; returns the config path."""
-    from slimflow.storage.fs import atomic_write_text
-    from slimflow.tasks.datasets import export_dataset
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    data_dir = os.path.join(out, "data")
-    # The sizes the data was exported at, beside it: a directory made by an earlier version of a preset (other
-    # sizes) is exported again, not silently reused. Same sizes -> the same files, so the run's cache still holds.
-    stamp = os.path.join(data_dir, "sizes.json")
-    sizes = json.dumps({"dataset": "zh-reviews", "labelled": p["labelled"], "unlabelled": p["unlabelled"]})
-    have = all(os.path.exists(os.path.join(data_dir, f"{s}.csv")) for s in ("train", "dev", "test", "unlabelled"))
-    if not (have and _read(stamp) == sizes):
-        export_dataset("zh-reviews", data_dir, labelled=p["labelled"], unlabelled=p["unlabelled"])
-        atomic_write_text(stamp, sizes)
+    export_data("zh-reviews", os.path.join(out, "data"), p["labelled"], p["unlabelled"])
     config = {
         "name": f"demo-{preset}",
         "lang": "zh",
@@ -61,6 +50,21 @@ def write_demo_config(out: str, preset: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f, allow_unicode=True, sort_keys=False)
     return path
+
+
+def export_data(dataset: str, data_dir: str, labelled: int, unlabelled: int | None) -> None:
+    """A bundled dataset's CSVs in ``data_dir`` at these sizes. The sizes are recorded beside the data: a directory
+    exported at other sizes (an earlier version of a preset) is exported again, not silently reused; at the same
+    sizes the files are kept, so a run's cache still holds."""
+    from slimflow.storage.fs import atomic_write_text
+    from slimflow.tasks.datasets import export_dataset
+
+    stamp = os.path.join(data_dir, "sizes.json")
+    sizes = json.dumps({"dataset": dataset, "labelled": labelled, "unlabelled": unlabelled})
+    have = all(os.path.exists(os.path.join(data_dir, f"{s}.csv")) for s in ("train", "dev", "test", "unlabelled"))
+    if not (have and _read(stamp) == sizes):
+        export_dataset(dataset, data_dir, labelled=labelled, unlabelled=unlabelled)
+        atomic_write_text(stamp, sizes)
 
 
 def _read(path: str) -> str | None:
