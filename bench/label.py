@@ -11,7 +11,7 @@
 
 Reported: the GEMM ceilings measured in this run (fp32, bf16, int8), texts/s, padding waste, achieved model
 FLOP/s and MFU of (c) against the ceiling of the dtype it chose, agreement of (c)'s and (d)'s hard labels with
-(b)'s. Then the quick demo (2,000 labelled rows, 6,000 unlabelled, n_iter 3) runs once up to the teacher, and
+(b)'s. Then the quick demo (its preset's sizes, flows/demo.py) runs once up to the teacher, and
 its label, train and evaluate stages twice from there: with (b)'s dtype and with (d)'s. Its BOW and BiLSTM
 students' test accuracy on each is what judges int8 labels. Warm-up first; other processes skew CPU timings:
 the JSON records the load average, the ceilings before and after, and the CPU's model and flags.

@@ -437,7 +437,8 @@ def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autoc
                                "with dtype auto, fp32 or bf16")
         from slimflow.tasks.teacher.int8 import quantize_linears
 
-        model, dt = quantize_linears(model.float(), rec["path"]), torch.qint8
+        output = "logits" if teacher.kind == "pretrained" else "last_hidden_state"
+        model, dt = quantize_linears(model.float(), rec["path"], output=output, cache_dir=cache_dir), torch.qint8
     else:
         dt = _torch_float(rec["dtype"])
         if dt != torch.float32 and not use_autocast:

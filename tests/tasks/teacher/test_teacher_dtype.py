@@ -89,31 +89,73 @@ def test_auto_load_records_what_it_measured(tmp_path, fitted_dir):
 
 # ------------------------------------------------------------------------------------------------------ int8
 def _int8_paths() -> list[str]:
-    return [int8.TOKEN] + [f"tensor:{e}" for e in int8.ENGINES if e in torch.backends.quantized.supported_engines]
+    engines = [f"tensor:{e}" for e in int8.ENGINES if e in torch.backends.quantized.supported_engines]
+    return [int8.TOKEN, *engines, *([int8.ORT] if int8.has_onnxruntime() else [])]
 
 
-@pytest.mark.parametrize("path", _int8_paths())
-def test_int8_logits_close_to_fp32_on_a_tiny_random_bert(tiny_model_dir, path):
-    import copy
-
+def _tiny_seqcls(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
-    q = int8.quantize_linears(copy.deepcopy(model), path)
-    assert type(q.classifier) is torch.nn.Linear  # the classifier stays fp32 ...
-    body = q.bert.encoder.layer[0].intermediate.dense  # ... the body is int8
-    kind = type(body).__name__ if path == int8.TOKEN else type(body).__module__
-    assert kind == "TokenInt8Linear" or kind.startswith("torch.ao.nn.quantized.dynamic")
     ids = torch.randint(5, 23, (16, 12))
     mask = torch.ones_like(ids)
     mask[8:, 6:] = 0
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("path", _int8_paths())
+def test_int8_logits_close_to_fp32_on_a_tiny_random_bert(tiny_model_dir, tmp_path, path):
+    import copy
+
+    model, ids, mask = _tiny_seqcls(tiny_model_dir)
+    q = int8.quantize_linears(copy.deepcopy(model), path, output="logits", cache_dir=str(tmp_path))
+    if path == int8.ORT:
+        import onnx
+
+        graph = onnx.load(q.path).graph
+        ops = [n.op_type for n in graph.node]
+        # the body's 2 layers x (q, k, v, attention output, FFN up) are int8; the FFN down-projections stay fp32
+        assert ops.count("MatMulInteger") == 2 * 5
+        assert sum(n.op_type == "MatMul" and "/output/dense/" in n.name and "attention" not in n.name
+                   for n in graph.node) == 2
+    else:
+        assert type(q.classifier) is torch.nn.Linear  # the classifier stays fp32 ...
+        body = q.bert.encoder.layer[0].intermediate.dense  # ... the body is int8
+        kind = type(body).__name__ if path == int8.TOKEN else type(body).__module__
+        assert kind == "TokenInt8Linear" or kind.startswith("torch.ao.nn.quantized.dynamic")
+        down = type(q.bert.encoder.layer[0].output.dense).__name__
+        # one activation scale per tensor would crush the GELU output's non-outlier channels: fp32 there
+        assert down == ("TokenInt8Linear" if path == int8.TOKEN else "Linear")
     with torch.inference_mode():
         ref = model(input_ids=ids, attention_mask=mask).logits
         got = q(input_ids=ids, attention_mask=mask).logits
     scale = ref.abs().max().item()
+    assert got.dtype == torch.float32 and got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 0.05 * scale + 1e-3
     assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+@pytest.mark.skipif(not int8.has_onnxruntime(), reason="onnxruntime is the export extra")
+def test_the_ort_export_is_made_once_per_weights_and_again_for_other_weights(tiny_model_dir, tmp_path, monkeypatch):
+    import copy
+
+    model, ids, mask = _tiny_seqcls(tiny_model_dir)
+    exports = []
+    real = int8._export
+    monkeypatch.setattr(int8, "_export", lambda *a, **kw: (exports.append(a[2]), real(*a, **kw)))
+    first = int8.ort_body(copy.deepcopy(model), output="logits", cache_dir=str(tmp_path))
+    again = int8.ort_body(copy.deepcopy(model), output="logits", cache_dir=str(tmp_path))
+    assert len(exports) == 1 and again.path == first.path
+    assert [p.name for p in (tmp_path / "int8").iterdir()] == [first.path.rsplit("/", 1)[1]]  # no temp left
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.classifier.bias.add_(torch.tensor([1.0, -1.0]))
+    changed = int8.ort_body(other, output="logits", cache_dir=str(tmp_path))
+    assert len(exports) == 2 and changed.path != first.path
+    with torch.inference_mode():
+        a, b = first(input_ids=ids, attention_mask=mask).logits, changed(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(a, b)
 
 
 def test_int8_refuses_where_no_path_beats_fp32():
