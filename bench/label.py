@@ -162,7 +162,8 @@ def demo_students(work: str, dtypes: dict[str, str]) -> dict:
     out = {"prefix_seconds": time.perf_counter() - t0}
     for key, dtype in dtypes.items():
         run = os.path.join(work, f"demo-{key}")
-        shutil.copytree(os.path.join(base, "run"), run)
+        if not os.path.isdir(run):  # else a rerun's: the pipeline resumes what it had finished
+            shutil.copytree(os.path.join(base, "run"), run)
         cfg = config.model_copy(update={"teacher": config.teacher.model_copy(update={"dtype": dtype})})
         t0 = time.perf_counter()
         report = run_stages(cfg, run, ["label", "train", "evaluate"])
@@ -184,6 +185,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", default=None, help="converted default teacher (default ~/.cache/slimflow)")
     ap.add_argument("--no-students", action="store_true", help="skip the demo students on (b)'s and (d)'s labels")
+    ap.add_argument("--students-work", default=None,
+                    help="the demo students' folder (default: in this run's temporary folder); a rerun with the same "
+                    "folder resumes the cached pipeline, so a run stopped in its students part does not redo them")
     ap.add_argument("--smoke", action="store_true", help="tiny random BERT, 200 rows, no students, short ceilings")
     ap.add_argument("--out", default=None, help="default bench/results/label.json (label-smoke.json with --smoke)")
     args = ap.parse_args()
@@ -298,7 +302,7 @@ def main() -> None:
 
     students = None
     if not args.no_students and "refused" not in d:
-        students = demo_students(os.path.join(run_dir, "students"), {"b": "fp32", "d": "int8"})
+        students = demo_students(args.students_work or os.path.join(run_dir, "students"), {"b": "fp32", "d": "int8"})
 
     best = max(c["texts_per_s"], d.get("texts_per_s", 0.0))
     goals = [goal("max(c, d) over (a) texts/s", best / a["texts_per_s"], 4.0, True),

@@ -115,8 +115,23 @@ def _teacher_speed(run_dir: str, teacher: dict, speed_texts: list[str]) -> dict:
                      trust_remote_code=teacher.get("trust_remote_code", False))
     served = speed(lambda texts: label_texts(t, texts, batch_tokens=teacher["batch_tokens"]), speed_texts)
     # The weights as served (in the dtype they were loaded in), the head included.
-    modules = [t.model] + ([t.head] if t.head is not None else [])
-    tensors = [x for m in modules for x in list(m.parameters()) + list(m.buffers())]
-    params = sum(x.numel() for m in modules for x in m.parameters())
-    size = sum(x.numel() * x.element_size() for x in tensors)
+    params, size = 0, 0
+    for m in [t.model] + ([t.head] if t.head is not None else []):
+        p, b = served_weights(m)
+        params, size = params + p, size + b
     return {**served, "params": int(params), "size_bytes": int(size)}
+
+
+def served_weights(module) -> tuple[int, int]:
+    """(parameters, bytes) of a teacher part as served: a torch module's tensors in the dtype it was loaded in, or
+    for the int8 onnxruntime body (``dtype: int8``, path ``ort``) its graph's weights as stored in its file."""
+    if hasattr(module, "parameters"):
+        tensors = list(module.parameters()) + list(module.buffers())
+        return (sum(x.numel() for x in module.parameters()),
+                sum(x.numel() * x.element_size() for x in tensors))
+    import math
+
+    import onnx
+
+    weights = onnx.load(module.path, load_external_data=False).graph.initializer
+    return sum(math.prod(w.dims) for w in weights), os.path.getsize(module.path)
