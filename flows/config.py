@@ -124,6 +124,10 @@ class TeacherConfig(_Section):
     # more than the 21M-parameter body; a few thousand rows touch few of its 250k rows anyway.
     freeze_embeddings: bool | None = Field(
         None, description="fit: finetune keeps the token embedding table fixed; None: frozen on CPU, trained on GPUs")
+    # LP-FT (Kumar et al. 2022): a random head's first gradients distort the features it should read; starting from
+    # fit: head's logistic regression costs one embedding pass over train + dev.
+    head_init: Literal["fit", "random"] = Field(
+        "fit", description="fit: finetune's head starts from fit: head's logistic regression (fit) or random")
 
 
 class StudentConfig(_Section):

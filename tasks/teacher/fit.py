@@ -55,6 +55,7 @@ EMBED = pa.schema([
     pa.field("embedding", pa.list_(pa.float32()), nullable=False),  # L2-normalised mean pool, [hidden]
 ])
 
+HEAD_INITS = ("fit", "random")  # fit: finetune's head: fit: head's logistic regression first (LP-FT), or random
 LOGREG_CS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # inverse L2 strength, picked on dev accuracy
 MLP_HIDDEN = 256  # ~100k parameters over a 384-d embedding: enough for a few thousand rows
 
@@ -298,6 +299,21 @@ def _read_texts(run_dir: str, refs: Sequence[ShardRef], labels: Sequence[str]) -
     return t.column("text").to_pylist(), label_indices(t.column("label").to_pylist(), labels)
 
 
+def _linear_probe(t: Teacher, texts, y, dev_texts, yd, batch_tokens: int) -> dict:
+    """LP-FT's first step: ``fit: head``'s logistic regression on the frozen encoder's embeddings of the train rows
+    (C picked on dev). Returns the head, its dev metrics, C and the seconds it took."""
+    import torch
+
+    t0 = time.perf_counter()
+    t.model.eval()
+    with torch.inference_mode():
+        x = embed_texts(t, texts, batch_tokens=batch_tokens)
+        xd = embed_texts(t, dev_texts, batch_tokens=batch_tokens)
+    head, m, c, _ = fit_logreg_on_dev(x, y, xd, yd, len(t.labels))
+    log.info("finetune: linear probe first (C %g): dev accuracy %.4f", c, m["accuracy"])
+    return {"head": head.to(t.device), "C": c, "train_seconds": round(time.perf_counter() - t0, 3), **m}
+
+
 def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[ShardRef], teacher_dir: str,
                      *, labels: Sequence[str], model: str = "default", test_refs: Sequence[ShardRef] = (),
                      epochs: int = 3, lr: float = 3e-5, batch_size: int = 32, patience: int = 1,
@@ -305,12 +321,15 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
                      max_length: int = 128, truncation: str = "head", batch_tokens: int = 16384,
                      cache_dir: str | None = None, seed: int = 0, trust_remote_code: bool = False,
                      freeze_embeddings: bool | None = None, length_buckets: bool = True,
-                     checkpoint_dir: str | None = None, progress: bool = True,
+                     head_init: str = "fit", checkpoint_dir: str | None = None, progress: bool = True,
                      on_epoch: Callable[[int], None] | None = None) -> dict:
     """Fine-tune encoder + linear head (mean pooling) on SEGMENT shards; keep the best dev epoch.
 
     Stops after ``patience`` epochs without a better dev accuracy. Saves the encoder and tokenizer under
-    ``teacher_dir/encoder`` (local paths only) and the head beside it. What makes it practical on a CPU
+    ``teacher_dir/encoder`` (local paths only) and the head beside it. ``head_init`` ``fit`` starts the head from
+    ``fit: head``'s logistic regression on the frozen encoder's embeddings (C picked on dev; LP-FT, Kumar et al.
+    2022: a random head's gradients first distort the pretrained features the head should have read); ``random``
+    starts it from zeros-mean noise. What makes it practical on a CPU
     (issue 16): the token embedding table frozen (``freeze_embeddings``; None: frozen on CPU, trained on GPUs),
     length-bucketed batches (``length_buckets``), autocast in the measured-fastest dtype (``dtype: auto``, see
     ``slimflow.tasks.teacher.precision``), a per-step progress bar with the running loss (``progress``), and a
@@ -348,6 +367,8 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
     frozen = t.device.type == "cpu" if freeze_embeddings is None else freeze_embeddings
     if frozen:
         t.model.get_input_embeddings().weight.requires_grad_(False)
+    if head_init not in HEAD_INITS:
+        raise TeacherError(f"teacher.head_init {head_init!r} is not one of {', '.join(HEAD_INITS)}")
     dim = t.model.config.hidden_size
     t.head = make_head(dim, len(labels)).to(t.device)
     body = [p for p in t.model.parameters() if p.requires_grad]
@@ -362,11 +383,11 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
     g = torch.Generator().manual_seed(seed)
     recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience, "seed": seed,
               "freeze_embeddings": frozen, "length_buckets": length_buckets, "max_length": max_length,
-              "truncation": truncation, "dtype": t.precision.get("dtype")}
+              "truncation": truncation, "dtype": t.precision.get("dtype"), "head_init": head_init}
     fp = hashlib.sha256(json.dumps([base.ref, t.weights_hash, labels, texts, y.tolist(), dev_texts, yd.tolist(),
                                     recipe], ensure_ascii=False).encode()).hexdigest()
     ckpt_dir = checkpoint_dir or f"{teacher_dir}.checkpoint"
-    best, best_state, bad, history, start = -1.0, None, 0, [], 0
+    best, best_state, bad, history, start, probe = -1.0, None, 0, [], 0, None
     if (ck := load_checkpoint(ckpt_dir, fp)) is not None:
         t.model.load_state_dict(ck["trainable"], strict=False)  # the frozen table is the base model's
         t.head.load_state_dict(ck["head"])
@@ -378,6 +399,10 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
         best, bad, history, start = ck["best"], ck["bad"], ck["history"], ck["epoch"]
         best_state = (ck["trainable"], ck["head"]) if ck["best_is_last"] else ck["best_state"]
         log.info("finetune: resuming after epoch %d from %s", start, ckpt_dir)
+        probe = ck.get("probe")
+    elif head_init == "fit":
+        probe = _linear_probe(t, texts, y, dev_texts, yd, batch_tokens)
+        t.head.load_state_dict(probe.pop("head").state_dict())
 
     def dev_predictions(rows: list[str]) -> np.ndarray:
         return run_batched(rows, t.encode, t.logits, len(labels), batch_tokens=batch_tokens, device=t.device,
@@ -425,7 +450,8 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
             "head": trainable_state(t.head, buffers=True),
             "opt": opt.state_dict(), "sched": sched.state_dict(), "scaler": scaler.state_dict(),
             "rng_data": g.get_state(), "rng_torch": torch.get_rng_state(), "best": best, "bad": bad,
-            "history": history, "best_is_last": improved, "best_state": None if improved else best_state})
+            "history": history, "probe": probe, "best_is_last": improved,
+            "best_state": None if improved else best_state})
         if on_epoch is not None:
             on_epoch(epoch + 1)
         if bad >= patience:
@@ -449,9 +475,9 @@ def finetune_teacher(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Seq
         "head_config": {"type": "linear", "dim": dim}, "prefix": base.prefix, "pooling": "mean",
         "max_length": max_length, "truncation": truncation,
         "weights_hash": _combined_hash(state_hash(t.model), t.head),
-        "metrics": metrics, "history": history, "train_rows": len(texts), "seed": seed,
+        "metrics": metrics, "history": history, "linear_probe": probe, "train_rows": len(texts), "seed": seed,
         "params": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience,
-                   "freeze_embeddings": frozen, "length_buckets": length_buckets},
+                   "freeze_embeddings": frozen, "length_buckets": length_buckets, "head_init": head_init},
         "trainable_params": sum(p.numel() for p in body) + sum(p.numel() for p in t.head.parameters()),
         "precision": t.precision,
         "fit_seconds": round(time.perf_counter() - t0, 3),

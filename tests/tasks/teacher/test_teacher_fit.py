@@ -249,6 +249,38 @@ def test_finetune_on_cpu_freezes_the_embedding_table_by_default(tmp_path, tiny_m
     assert frozen["precision"] == {"requested": "fp32", "dtype": "fp32", "device": "cpu"}
 
 
+def test_finetune_starts_its_head_from_the_linear_probe(tmp_path, tiny_model_dir):
+    """head_init fit (LP-FT): the head fine-tuning starts from is fit: head's logistic regression on the frozen
+    encoder's embeddings (C picked on dev); with a learning rate too small to move anything the saved head is that
+    probe, and random init is not."""
+    import slimflow.tasks.teacher.fit as fit
+    import torch
+    from safetensors.torch import load_file
+    from slimflow.tasks.teacher.fit import embed_texts, fit_logreg_on_dev
+    from slimflow.tasks.teacher.model import load_base_teacher
+
+    tr, dv = _sentiment_rows(tmp_path)
+    kw = dict(labels=LABELS, model=tiny_model_dir, epochs=1, lr=1e-30, batch_size=8, device="cpu", dtype="fp32",
+              progress=False)
+    fitted = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "fit"), **kw)
+    rand = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "random"), head_init="random", **kw)
+    assert fitted["params"]["head_init"] == "fit" and rand["linear_probe"] is None
+
+    enc = load_base_teacher(tiny_model_dir, device="cpu", dtype="fp32")
+    texts, y = fit._read_texts(str(tmp_path), [tr], LABELS)
+    dev_texts, yd = fit._read_texts(str(tmp_path), [dv], LABELS)
+    with torch.inference_mode():
+        x, xd = embed_texts(enc, texts), embed_texts(enc, dev_texts)
+    probe, m, c, _ = fit_logreg_on_dev(x, y, xd, yd, len(LABELS))
+    assert fitted["linear_probe"]["C"] == c and fitted["linear_probe"]["accuracy"] == m["accuracy"]
+    saved = {n: load_file(str(tmp_path / n / "head.safetensors")) for n in ("fit", "random")}
+    for k, v in probe.state_dict().items():
+        assert torch.allclose(saved["fit"][k], v, atol=1e-5), k
+    assert not torch.allclose(saved["random"]["net.0.weight"], probe.state_dict()["net.0.weight"], atol=1e-3)
+    with pytest.raises(TeacherError, match="head_init 'zeros' is not one of fit, random"):
+        finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "bad"), head_init="zeros", **kw)
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
