@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -147,6 +148,11 @@ def test_the_ort_export_is_made_once_per_weights_and_again_for_other_weights(tin
     first = int8.ort_body(copy.deepcopy(model), output="logits", cache_dir=str(tmp_path))
     again = int8.ort_body(copy.deepcopy(model), output="logits", cache_dir=str(tmp_path))
     assert len(exports) == 1 and again.path == first.path
+    # what the report shows as the served teacher's size: the int8 file, its weights counted from the graph
+    from slimflow.tasks.evaluate import served_weights
+
+    params, size = served_weights(first)
+    assert size == os.path.getsize(first.path) and sum(p.numel() for p in model.parameters()) <= params
     assert [p.name for p in (tmp_path / "int8").iterdir()] == [first.path.rsplit("/", 1)[1]]  # no temp left
     other = copy.deepcopy(model)
     with torch.no_grad():
