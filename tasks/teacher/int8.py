@@ -214,8 +214,6 @@ def ort_body(model, *, output: str = "last_hidden_state", cache_dir: str | None 
     """``model`` exported to ONNX and quantised for the ``ort`` path; the file is cached under the cache
     directory by the model's weights and this module's rules, so a teacher is exported once per machine (~30 s
     for e5-small), not once per run."""
-    import tempfile
-
     import onnxruntime as ort
     import torch
     from slimflow.storage.hashing import sha256_bytes
