@@ -131,6 +131,26 @@ def quantize_linears(model, path: str, *, output: str = "last_hidden_state", cac
                                 dtype=torch.qint8, inplace=True)
 
 
+def quantize_planned(model, rec: dict, *, output: str = "last_hidden_state", cache_dir: str | None = None):
+    """(model, plan) with ``quantize_linears`` by ``rec``'s path (``plan``'s record). An ``ort`` export that fails
+    (an architecture the ONNX exporter cannot trace, a model past protobuf's 2 GB) falls back to the fastest torch
+    int8 path measured, and the returned plan says so (``fallback``): never silently."""
+    if rec["path"] != ORT:
+        return quantize_linears(model, rec["path"]), rec
+    try:
+        return quantize_linears(model, ORT, output=output, cache_dir=cache_dir), rec
+    except Exception as e:  # noqa: BLE001 -- whatever the exporter raises, the torch paths remain
+        reason = f"{type(e).__name__}: {e}"[:300]
+        gops = rec.get("gops", {})
+        others = {k: v for k, v in gops.items() if k not in ("fp32", ORT) and v > gops.get("fp32", 0.0)}
+        if not others:
+            raise Int8Error(f"teacher.dtype int8: the ort path could not export this teacher ({reason}) and no "
+                            "torch int8 path is faster than fp32 here; use teacher.dtype auto") from e
+        path = max(others, key=others.get)
+        log.warning("teacher dtype int8: the ort export failed (%s); running torch's %s path instead", reason, path)
+        return quantize_linears(model, path), {**rec, "path": path, "fallback": f"ort failed: {reason}"}
+
+
 # ------------------------------------------------------------------------------------------------ onnxruntime
 class OrtBody:
     """A teacher's body as an int8 ONNX model run by onnxruntime, called like the Hugging Face model it replaces

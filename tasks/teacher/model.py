@@ -435,10 +435,11 @@ def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autoc
         if use_autocast:
             raise TeacherError("teacher.dtype int8 labels with a trained teacher; it cannot train one: fine-tune "
                                "with dtype auto, fp32 or bf16")
-        from slimflow.tasks.teacher.int8 import quantize_linears
+        from slimflow.tasks.teacher.int8 import quantize_planned
 
         output = "logits" if teacher.kind == "pretrained" else "last_hidden_state"
-        model, dt = quantize_linears(model.float(), rec["path"], output=output, cache_dir=cache_dir), torch.qint8
+        model, rec = quantize_planned(model.float(), rec, output=output, cache_dir=cache_dir)
+        dt = torch.qint8
     else:
         dt = _torch_float(rec["dtype"])
         if dt != torch.float32 and not use_autocast:

@@ -190,6 +190,23 @@ def test_int8_labels_end_to_end(tmp_path, fitted_dir, monkeypatch):
         load_teacher(fitted_dir, dtype="int8", autocast=True, reuse=False, **kw)
 
 
+def test_a_failed_ort_export_falls_back_to_the_fastest_torch_path_and_says_so(tmp_path, fitted_dir, monkeypatch):
+    def cannot_trace(*a, **kw):
+        raise RuntimeError("cannot trace this model")
+
+    monkeypatch.setattr(int8, "_export", cannot_trace)
+    monkeypatch.setattr(int8, "measure", lambda shape, **kw: {"fp32": 1.0, "token": 2.0, "ort": 3.0})
+    kw = dict(device="cpu", dtype="int8", reuse=False)
+    t = load_teacher(fitted_dir, cache_dir=str(tmp_path / "a"), **kw)
+    assert t.precision["path"] == "token" and "cannot trace this model" in t.precision["fallback"]
+    ids = torch.randint(5, 23, (4, 7))
+    assert t.logits(ids, torch.ones_like(ids)).shape == (4, len(t.labels))
+    # and where no torch path beats fp32 either, a clear refusal instead of a slow int8
+    monkeypatch.setattr(int8, "measure", lambda shape, **kw: {"fp32": 1.0, "token": 0.5, "ort": 3.0})
+    with pytest.raises(TeacherError, match="could not export this teacher.*use teacher.dtype auto"):
+        load_teacher(fitted_dir, cache_dir=str(tmp_path / "b"), **kw)
+
+
 @pytest.fixture(scope="module")
 def fitted_dir(tmp_path_factory, tiny_model_dir):
     from slimflow.tasks.teacher.fit import adopt_pretrained
