@@ -124,14 +124,9 @@ def _teacher_speed(run_dir: str, teacher: dict, speed_texts: list[str]) -> dict:
 
 def served_weights(module) -> tuple[int, int]:
     """(parameters, bytes) of a teacher part as served: a torch module's tensors in the dtype it was loaded in, or
-    for the int8 onnxruntime body (``dtype: int8``, path ``ort``) its graph's weights as stored in its file."""
+    for the int8 onnxruntime body (``dtype: int8``, path ``ort``) its parameters and its file's size."""
     if hasattr(module, "parameters"):
         tensors = list(module.parameters()) + list(module.buffers())
         return (sum(x.numel() for x in module.parameters()),
                 sum(x.numel() * x.element_size() for x in tensors))
-    import math
-
-    import onnx
-
-    weights = onnx.load(module.path, load_external_data=False).graph.initializer
-    return sum(math.prod(w.dims) for w in weights), os.path.getsize(module.path)
+    return module.params, os.path.getsize(module.path)

@@ -82,24 +82,26 @@ def token_linear(linear):
     return TokenInt8Linear()
 
 
+def _runs_int8(parts: list[str], n_in: int, n_out: int, per_tensor: bool) -> bool:
+    """Whether a linear layer (its name's ``parts``, its in / out widths) runs in int8: not the classification
+    layers, and with one activation scale per tensor (``per_tensor``) not the down-projections either (see the
+    module's docstring). One rule for torch modules and exported ONNX MatMuls."""
+    return not any(part in KEEP_FLOAT for part in parts) and not (per_tensor and n_in > n_out)
+
+
 def _linears(model, per_tensor: bool = False) -> list[str]:
-    """The body's linear layers to run in int8: all but the classification layers, and with one activation scale
-    per tensor (``per_tensor``) also but the down-projections (see the module's docstring)."""
+    """The body's linear layers to run in int8 (``_runs_int8``)."""
     from torch import nn
 
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(part in KEEP_FLOAT for part in name.split("."))
-            and not (per_tensor and m.in_features > m.out_features)]
+            if isinstance(m, nn.Linear) and _runs_int8(name.split("."), m.in_features, m.out_features, per_tensor)]
 
 
 def has_onnxruntime() -> bool:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        from onnxruntime.quantization import quantize_dynamic  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """onnx and onnxruntime installed (the ``export`` extra); looked up, not imported: ``plan`` asks on every load."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 def quantize_linears(model, path: str, *, output: str = "last_hidden_state", cache_dir: str | None = None):
@@ -141,12 +143,10 @@ def quantize_planned(model, rec: dict, *, output: str = "last_hidden_state", cac
         return quantize_linears(model, ORT, output=output, cache_dir=cache_dir), rec
     except Exception as e:  # noqa: BLE001 -- whatever the exporter raises, the torch paths remain
         reason = f"{type(e).__name__}: {e}"[:300]
-        gops = rec.get("gops", {})
-        others = {k: v for k, v in gops.items() if k not in ("fp32", ORT) and v > gops.get("fp32", 0.0)}
-        if not others:
+        path = _fastest(rec.get("gops", {}), exclude=(ORT,))
+        if path is None:
             raise Int8Error(f"teacher.dtype int8: the ort path could not export this teacher ({reason}) and no "
                             "torch int8 path is faster than fp32 here; use teacher.dtype auto") from e
-        path = max(others, key=others.get)
         log.warning("teacher dtype int8: the ort export failed (%s); running torch's %s path instead", reason, path)
         return quantize_linears(model, path), {**rec, "path": path, "fallback": f"ort failed: {reason}"}
 
@@ -156,13 +156,10 @@ class OrtBody:
     """A teacher's body as an int8 ONNX model run by onnxruntime, called like the Hugging Face model it replaces
     (``input_ids`` and ``attention_mask`` tensors in, an object with ``output`` out, a float32 tensor)."""
 
-    def __init__(self, path: str, config, output: str, threads: int):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        self.config, self.output, self.path = config, output, path
+    def __init__(self, path: str, config, output: str, params: int):
+        self.session = _session(path)
+        # params: the exported model's, counted before export (the report's served size; no reload of the file)
+        self.config, self.output, self.path, self.params = config, output, path, params
 
     def __call__(self, input_ids, attention_mask, **_):
         import torch
@@ -186,6 +183,16 @@ class _Outputs(dict):
     __getattr__ = dict.__getitem__
 
 
+def _session(path: str):
+    """An onnxruntime CPU session on torch's thread count (what ``set_threads`` chose for the teacher)."""
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
 def _int8_matmuls(onnx_path: str) -> list[str]:
     """Names of the exported graph's MatMul nodes to quantise: those with a weight (an initializer) as their
     second input, but the down-projections (more inputs than outputs) and the classification layers."""
@@ -196,11 +203,8 @@ def _int8_matmuls(onnx_path: str) -> list[str]:
     names = []
     for node in graph.node:
         dims = shapes.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if not dims or len(dims) != 2 or dims[0] > dims[1]:  # [in, out]; down-projections stay fp32
-            continue
-        if any(f"/{part}/" in node.name or node.name.startswith(f"{part}/") for part in KEEP_FLOAT):
-            continue
-        names.append(node.name)
+        if dims and len(dims) == 2 and _runs_int8(node.name.split("/"), dims[0], dims[1], per_tensor=True):
+            names.append(node.name)  # dims: [in, out], the exporter's transposed weight
     return names
 
 
@@ -265,14 +269,13 @@ def ort_body(model, *, output: str = "last_hidden_state", cache_dir: str | None 
             part = os.path.join(tmp, "int8.onnx")
             _quantize_onnx(fp32, part)
             os.replace(part, path)  # whole or absent: a killed export leaves no half file behind
-    return OrtBody(str(path), getattr(model, "config", None), output, torch.get_num_threads())
+    return OrtBody(str(path), getattr(model, "config", None), output, sum(p.numel() for p in model.parameters()))
 
 
 def _ort_ffn(shape: GemmShape, tmp: str):
     """The probe's two FFN linears as an ``ort`` int8 session (what the ``ort`` path runs, the down-projection
     in fp32 included), and an input for it."""
     import numpy as np
-    import onnxruntime as ort
     import torch
     from torch import nn
 
@@ -281,9 +284,7 @@ def _ort_ffn(shape: GemmShape, tmp: str):
     x = torch.randn(shape.tokens, shape.hidden, generator=torch.Generator().manual_seed(0))
     _export(body, (x,), fp32, ["x"], {"x": {0: "tokens"}})
     _quantize_onnx(fp32, q)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-    session = ort.InferenceSession(q, opts, providers=["CPUExecutionProvider"])
+    session = _session(q)
     feed = {"x": x.numpy().astype(np.float32)}
     return lambda: session.run(None, feed)
 
@@ -325,6 +326,13 @@ def candidates() -> tuple[str, ...]:
     return ("fp32", TOKEN, *ENGINES, *((ORT,) if has_onnxruntime() else ()))
 
 
+def _fastest(figures: dict[str, float], exclude: tuple[str, ...] = ()) -> str | None:
+    """The fastest int8 path of the probe's ``figures`` (``exclude`` left out), or None when none beats fp32."""
+    paths = {k: v for k, v in figures.items() if k != "fp32" and k not in exclude}
+    best = max(paths, key=paths.get, default=None)
+    return best if best is not None and paths[best] > figures.get("fp32", 0.0) else None
+
+
 def plan(shape: GemmShape, *, cache_dir: str | None = None, refresh: bool = False, figures: dict | None = None) -> dict:
     """The int8 path to run at ``shape`` on this CPU (the fastest measured), or ``Int8Error`` when none beats fp32.
 
@@ -338,13 +346,12 @@ def plan(shape: GemmShape, *, cache_dir: str | None = None, refresh: bool = Fals
     if figures is None:
         figures, cached = cached_measure("int8", shape, torch.device("cpu"), candidates(),
                                          lambda: measure(shape), cache_dir=cache_dir, refresh=refresh)
-    paths = {k: v for k, v in figures.items() if k != "fp32"}
+    best = _fastest(figures)
     shown = ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
-    if not paths or max(paths.values()) <= figures.get("fp32", 0.0):
+    if best is None:
         raise Int8Error(f"teacher.dtype int8: no int8 path is faster than fp32 on this CPU (GOP/s at "
                         f"{'x'.join(map(str, shape.as_list()))}: {shown}); it has no fast int8 GEMM (VNNI / AMX "
                         "or an engine kernel for it). Use teacher.dtype auto (the fastest of fp32 / bf16 here)")
-    best = max(paths, key=paths.get)
     log.info("teacher dtype int8: path %s (GOP/s: %s; %s)", best, shown, "cached" if cached else "measured")
     return {"requested": "int8", "dtype": "int8", "path": best, "device": "cpu", "gops": figures,
             "shape": shape.as_list(), "cached": cached}
