@@ -12,8 +12,10 @@
 Reported: the GEMM ceilings measured in this run (fp32, bf16, int8), texts/s, padding waste, achieved model
 FLOP/s and MFU of (c) against the ceiling of the dtype it chose, agreement of (c)'s and (d)'s hard labels with
 (b)'s. Then the quick demo (its preset's sizes, flows/demo.py) runs once up to the teacher, and
-its label, train and evaluate stages twice from there: with (b)'s dtype and with (d)'s. Its BOW and BiLSTM
-students' test accuracy on each is what judges int8 labels. Warm-up first; other processes skew CPU timings:
+its label stage twice from there: with (b)'s dtype and with (d)'s; train and evaluate then run on each dtype's
+labels once per student seed (``--seeds``, default 0,1,2). The mean test accuracy of its BOW and BiLSTM students
+over the seeds on each dtype's labels is what judges int8 labels (one seed's difference mixes int8's effect with the
+seed's; the per-seed figures are in the JSON). Warm-up first; other processes skew CPU timings:
 the JSON records the load average, the ceilings before and after, and the CPU's model and flags.
 """
 
@@ -146,9 +148,10 @@ def fit_smoke_teacher(run_dir: str) -> tuple[str, str, dict]:
     return teacher_dir, model_dir, {**meta, "metrics": {"dev": {"accuracy": float("nan")}}}
 
 
-def demo_students(work: str, dtypes: dict[str, str]) -> dict:
-    """The quick demo up to the teacher once, then label + train + evaluate per dtype from a copy of it: the
-    students' test accuracy on each dtype's labels (same data, seeds and teacher)."""
+def demo_students(work: str, dtypes: dict[str, str], seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """The quick demo up to the teacher once, then label per dtype and train + evaluate per student seed from a
+    copy of it: the students' test accuracy on each dtype's labels (same data, seeds and teacher), the mean over
+    ``seeds`` (one seed's difference would mix int8's effect with the seed's)."""
     import shutil
 
     from slimflow.flows.config import load_config
@@ -159,19 +162,28 @@ def demo_students(work: str, dtypes: dict[str, str]) -> dict:
     config = load_config(write_demo_config(base, "quick"))
     t0 = time.perf_counter()
     run_stages(config, os.path.join(base, "run"), ["ingest", "segment", "augment", "teacher"])
-    out = {"prefix_seconds": time.perf_counter() - t0}
+    out = {"prefix_seconds": time.perf_counter() - t0, "seeds": list(seeds)}
     for key, dtype in dtypes.items():
         run = os.path.join(work, f"demo-{key}")
         if not os.path.isdir(run):  # else a rerun's: the pipeline resumes what it had finished
             shutil.copytree(os.path.join(base, "run"), run)
         cfg = config.model_copy(update={"teacher": config.teacher.model_copy(update={"dtype": dtype})})
         t0 = time.perf_counter()
-        report = run_stages(cfg, run, ["label", "train", "evaluate"])
-        out[key] = {"dtype": dtype, "seconds": time.perf_counter() - t0,
-                    "label_seconds": report.get("timing_s", {}).get("label"),
-                    "students": {k: v.get("distilled_accuracy") for k, v in report["students"].items()}}
-        print(f"demo students on {key} labels ({dtype}): "
-              + ", ".join(f"{k} {v:.4f}" for k, v in out[key]["students"].items()))
+        label_s = run_stages(cfg, run, ["label"]).get("timing_s", {}).get("label")
+        per_seed: dict[str, list[float]] = {}
+        for seed in seeds:
+            seeded = os.path.join(work, f"demo-{key}-seed{seed}")
+            if not os.path.isdir(seeded):
+                shutil.copytree(run, seeded)
+            scfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"seed": seed})})
+            report = run_stages(scfg, seeded, ["train", "evaluate"])
+            for k, v in report["students"].items():
+                per_seed.setdefault(k, []).append(v.get("distilled_accuracy"))
+        out[key] = {"dtype": dtype, "seconds": time.perf_counter() - t0, "label_seconds": label_s,
+                    "per_seed": per_seed, "students": {k: sum(v) / len(v) for k, v in per_seed.items()}}
+        print(f"demo students on {key} labels ({dtype}), mean of seeds {list(seeds)}: "
+              + ", ".join(f"{k} {v:.4f} ({', '.join(f'{a:.3f}' for a in per_seed[k])})"
+                          for k, v in out[key]["students"].items()))
     return out
 
 
@@ -185,6 +197,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", default=None, help="converted default teacher (default ~/.cache/slimflow)")
     ap.add_argument("--no-students", action="store_true", help="skip the demo students on (b)'s and (d)'s labels")
+    ap.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated: each student's accuracy on a "
+                    "dtype's labels is the mean over them")
     ap.add_argument("--students-work", default=None,
                     help="the demo students' folder (default: in this run's temporary folder); a rerun with the same "
                     "folder resumes the cached pipeline, so a run stopped in its students part does not redo them")
@@ -302,7 +316,8 @@ def main() -> None:
 
     students = None
     if not args.no_students and "refused" not in d:
-        students = demo_students(args.students_work or os.path.join(run_dir, "students"), {"b": "fp32", "d": "int8"})
+        students = demo_students(args.students_work or os.path.join(run_dir, "students"), {"b": "fp32", "d": "int8"},
+                                 tuple(int(x) for x in args.seeds.split(",")))
 
     best = max(c["texts_per_s"], d.get("texts_per_s", 0.0))
     goals = [goal("max(c, d) over (a) texts/s", best / a["texts_per_s"], 4.0, True),

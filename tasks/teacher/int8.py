@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 TOKEN = "token"
 ORT = "ort"
-ORT_RULES = "v1: MatMul, per-channel, reduce_range, down-projections fp32"  # in the cache key of an export
+# in the cache key of an export: a change of rules exports again
+ORT_RULES = "v2: eager attention, MatMul, per-channel, reduce_range, down-projections fp32"
 ENGINES = ("onednn", "x86", "fbgemm")  # torch's quantised engines with int8 GEMM kernels on x86 (qnnpack: ARM)
 # Modules left in fp32: the classification layers (tiny, and the logits' last step) and anything outside the body.
 KEEP_FLOAT = ("classifier", "pooler", "score", "pre_classifier", "qa_outputs")
@@ -234,6 +235,26 @@ def _export(module, args: tuple, path: str, input_names: list[str], dynamic_axes
                           dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
 
 
+@contextlib.contextmanager
+def _eager_attention(model):
+    """``model`` with its attention written out as matmul + softmax while it is exported: onnxruntime runs that
+    graph as fast as the traced ``sdpa`` one at 32x32 tokens and 8-20% faster at 32x64 and 16x128 (e5-small,
+    2 threads, fp32 and int8 alike). A model without the switch is exported as it is."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    try:
+        if switch is not None and before not in (None, "eager"):
+            switch("eager")
+    except (ValueError, AttributeError, NotImplementedError) as e:
+        log.info("teacher dtype int8 (ort): exporting with %s attention (%s)", before, e)
+    try:
+        yield
+    finally:
+        if switch is not None and before is not None and getattr(config, "_attn_implementation", None) != before:
+            switch(before)
+
+
 def ort_body(model, *, output: str = "last_hidden_state", cache_dir: str | None = None) -> OrtBody:
     """``model`` exported to ONNX and quantised for the ``ort`` path; the file is cached under the cache
     directory by the model's weights and this module's rules, so a teacher is exported once per machine (~30 s
@@ -264,7 +285,7 @@ def ort_body(model, *, output: str = "last_hidden_state", cache_dir: str | None 
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             fp32 = os.path.join(tmp, "fp32.onnx")
             log.info("teacher dtype int8 (ort): exporting the teacher to ONNX once, cached at %s", path)
-            with torch.inference_mode():
+            with torch.inference_mode(), _eager_attention(model):
                 _export(Body(), (ids, mask), fp32, ["input_ids", "attention_mask"], axes)
             part = os.path.join(tmp, "int8.onnx")
             _quantize_onnx(fp32, part)

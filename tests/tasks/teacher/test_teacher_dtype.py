@@ -164,6 +164,19 @@ def test_the_ort_export_is_made_once_per_weights_and_again_for_other_weights(tin
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.skipif(not int8.has_onnxruntime(), reason="onnxruntime is the export extra")
+def test_the_ort_export_writes_attention_out_and_leaves_the_model_as_it_was(tiny_model_dir, tmp_path):
+    import onnx
+
+    model, ids, mask = _tiny_seqcls(tiny_model_dir)
+    model.set_attn_implementation("sdpa")
+    body = int8.ort_body(model, output="logits", cache_dir=str(tmp_path))
+    ops = {n.op_type for n in onnx.load(body.path).graph.node}
+    # traced sdpa guards every attention row with IsNaN/Where; the eager graph is matmul + softmax (faster in ort)
+    assert "Softmax" in ops and "IsNaN" not in ops
+    assert model.config._attn_implementation == "sdpa"  # the torch model the caller holds is unchanged
+
+
 def test_int8_refuses_where_no_path_beats_fp32():
     slow = {"fp32": 50.0, "token": 1.3, "tensor:fbgemm": 40.0}
     with pytest.raises(int8.Int8Error, match=r"no int8 path is faster than fp32.*token 1.*teacher.dtype auto"):
