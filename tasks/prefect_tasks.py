@@ -144,7 +144,8 @@ def fit_teacher_task(run_dir: str, teacher: dict, labels: list[str], train: list
                                     dtype=teacher["dtype"], threads=teacher["threads"],
                                     batch_tokens=teacher["batch_tokens"],
                                     freeze_embeddings=teacher["freeze_embeddings"],
-                                    head_init=teacher["head_init"], **common)
+                                    freeze_layers=teacher["freeze_layers"], head_init=teacher["head_init"],
+                                    probe_rows=teacher["probe_rows"], **common)
     else:
         meta = fit.adopt_pretrained(out, label_map=teacher["label_map"], **precision, **common)
         for split in ("dev", "test"):

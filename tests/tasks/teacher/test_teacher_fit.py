@@ -281,6 +281,54 @@ def test_finetune_starts_its_head_from_the_linear_probe(tmp_path, tiny_model_dir
         finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "bad"), head_init="zeros", **kw)
 
 
+def test_finetune_freezes_the_bottom_layers_and_trains_the_rest(tmp_path, tiny_model_dir):
+    """freeze_layers 1 of the tiny BERT's 2: the embeddings module and layer 0 come out as the base model's, layer 1
+    and the head are trained; freezing every layer is refused with the most that can be."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    tr, dv = _sentiment_rows(tmp_path)
+    kw = dict(labels=LABELS, model=tiny_model_dir, epochs=1, lr=1e-2, batch_size=8, device="cpu", dtype="fp32",
+              progress=False)
+    base = AutoModel.from_pretrained(tiny_model_dir).state_dict()
+    meta = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "one"), freeze_layers=1, **kw)
+    none = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "none"), freeze_layers=0, **kw)
+    saved = load_file(str(tmp_path / "one" / "encoder" / "model.safetensors"))
+    below = [k for k in saved if k.startswith(("embeddings.", "encoder.layer.0."))]
+    above = [k for k in saved if k.startswith("encoder.layer.1.") and k.endswith("weight")]
+    assert below and above
+    assert all(torch_equal(saved[k], base[k]) for k in below)
+    assert not any(torch_equal(saved[k], base[k]) for k in above)
+    assert meta["params"]["freeze_layers"] == 1 and none["params"]["freeze_layers"] == 0
+    fixed = sum(v.numel() for k, v in base.items() if k.startswith(("embeddings.", "encoder.layer.0."))
+                and "position_ids" not in k and "token_type_ids" not in k)
+    word = base["embeddings.word_embeddings.weight"].numel()  # frozen in both (the CPU default)
+    assert none["trainable_params"] - meta["trainable_params"] == fixed - word
+    with pytest.raises(TeacherError, match="the teacher has 2 layers, so at most 1 can be frozen"):
+        finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "all"), freeze_layers=2, **kw)
+
+
+def test_the_linear_probe_reads_a_seeded_sample(tmp_path, tiny_model_dir):
+    """probe_rows caps the rows the probe embeds (train and dev alike): the same sample on every run."""
+    import slimflow.tasks.teacher.fit as fit
+
+    tr, dv = _sentiment_rows(tmp_path, n=96, dev=32)
+    seen = []
+    real = fit.embed_texts
+    kw = dict(labels=LABELS, model=tiny_model_dir, epochs=1, lr=1e-30, batch_size=8, device="cpu", dtype="fp32",
+              progress=False, probe_rows=20)
+    try:
+        fit.embed_texts = lambda t, texts, **k: (seen.append(list(texts)), real(t, texts, **k))[1]
+        a = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "a"), **kw)
+        b = finetune_teacher(str(tmp_path), [tr], [dv], str(tmp_path / "b"), **kw)
+    finally:
+        fit.embed_texts = real
+    texts, _ = fit._read_texts(str(tmp_path), [tr], LABELS)
+    assert [len(x) for x in seen] == [20, 20, 20, 20] and seen[:2] == seen[2:]
+    assert set(seen[0]) <= set(texts) and len(set(seen[0])) > 1
+    assert a["linear_probe"]["rows"] == [20, 20] and a["linear_probe"]["C"] == b["linear_probe"]["C"]
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
