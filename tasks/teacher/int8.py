@@ -45,6 +45,9 @@ TOKEN = "token"
 ORT = "ort"
 # in the cache key of an export: a change of rules exports again
 ORT_RULES = "v2: eager attention, MatMul, per-channel, reduce_range, down-projections fp32"
+# exports kept in the cache, the most recently used first: each is ~400 MB for e5-small, and every fitted head,
+# fine-tuned teacher or change of rules makes a new one
+ORT_KEEP = 4
 ENGINES = ("onednn", "x86", "fbgemm")  # torch's quantised engines with int8 GEMM kernels on x86 (qnnpack: ARM)
 # Modules left in fp32: the classification layers (tiny, and the logits' last step) and anything outside the body.
 KEEP_FLOAT = ("classifier", "pooler", "score", "pre_classifier", "qa_outputs")
@@ -290,7 +293,22 @@ def ort_body(model, *, output: str = "last_hidden_state", cache_dir: str | None 
             part = os.path.join(tmp, "int8.onnx")
             _quantize_onnx(fp32, part)
             os.replace(part, path)  # whole or absent: a killed export leaves no half file behind
+        evict_exports(path.parent, keep=ORT_KEEP, current=path)
+    else:
+        os.utime(path)  # used now: the last to be evicted
     return OrtBody(str(path), getattr(model, "config", None), output, sum(p.numel() for p in model.parameters()))
+
+
+def evict_exports(folder: Path, *, keep: int, current: Path) -> list[Path]:
+    """Delete all but the ``keep`` most recently used exports in ``folder`` (``current`` always stays); returns
+    what was deleted. A session already built from a deleted file keeps running: onnxruntime read it whole."""
+    files = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    gone = [p for p in files if p != current][max(keep - 1, 0):]
+    for p in gone:
+        with contextlib.suppress(FileNotFoundError):  # another process evicted it first
+            p.unlink()
+            log.info("teacher dtype int8 (ort): evicted the unused export %s (%d kept)", p, keep)
+    return gone
 
 
 def _ort_ffn(shape: GemmShape, tmp: str):

@@ -177,6 +177,18 @@ def test_the_ort_export_writes_attention_out_and_leaves_the_model_as_it_was(tiny
     assert model.config._attn_implementation == "sdpa"  # the torch model the caller holds is unchanged
 
 
+def test_the_export_cache_keeps_the_most_recently_used_exports(tmp_path):
+    files = [tmp_path / f"{i}.onnx" for i in range(6)]
+    for i, f in enumerate(files):
+        f.write_bytes(b"x")
+        os.utime(f, (1000 + i, 1000 + i))  # 5.onnx the most recently used
+    os.utime(files[0], (2000, 2000))  # 0.onnx used last of all
+    (tmp_path / "notes.txt").write_text("not an export")
+    gone = int8.evict_exports(tmp_path, keep=3, current=files[1])  # 1.onnx: the one just written or loaded
+    assert sorted(p.name for p in gone) == ["2.onnx", "3.onnx", "4.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.onnx", "1.onnx", "5.onnx", "notes.txt"]
+
+
 def test_int8_refuses_where_no_path_beats_fp32():
     slow = {"fp32": 50.0, "token": 1.3, "tensor:fbgemm": 40.0}
     with pytest.raises(int8.Int8Error, match=r"no int8 path is faster than fp32.*token 1.*teacher.dtype auto"):
