@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+from slimflow.flows.prefect_env import prefect_env
+
 DEBUG = False  # --debug: tracebacks, Prefect's included
 VERBOSE = False  # --verbose: Prefect's INFO lines (server start, each flow and task run) on the console
 
@@ -21,11 +23,7 @@ def configure(debug: bool, verbose: bool) -> None:
 
 
 def prefect_defaults() -> None:
-    # The ephemeral server's first start runs its database migrations, which can exceed Prefect's default
-    # 20 s on a busy 2-core machine; and nothing here may phone home.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
+    prefect_env()
     # transformers' per-load "Loading weights" bars, one per shard task, drown the stage progress bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _quiet_run_failures()

@@ -14,6 +14,7 @@ import time
 
 from prefect import flow, tags
 from slimflow.flows.config import Config
+from slimflow.flows.prefect_env import prefect_env
 from slimflow.flows.report import write_report
 from slimflow.flows.runners import shared_cluster, with_runner
 from slimflow.flows.stage_specs import STAGE_SPECS, teacher_devices
@@ -85,6 +86,7 @@ def run_stages(config: Config, out: str, stages: list[str], rerun: dict | None =
     reads one of their outputs (`slimflow rerun`). Holds the run directory's lock throughout (storage/lock.py):
     a run already writing ``out`` is waited for.
     """
+    prefect_env()  # before the first flow call starts the temporary server
     stages = plan_stages(config, out, stages)  # refused before the lock creates anything
     with run_lock(out, notify=_lock_notice):
         return _run_stages(config, out, stages, rerun)

@@ -19,6 +19,7 @@ from typing import Any
 
 from slimflow.flows.config import Config
 from slimflow.flows.pipeline import PIPELINE, run_flow
+from slimflow.flows.prefect_env import prefect_env
 from slimflow.storage.fs import exists, read_bytes
 from slimflow.storage.layout import RunLayout
 from slimflow.tasks.students.export import Predictor
@@ -61,6 +62,7 @@ def run(config: Config | str | os.PathLike, out: str | os.PathLike, until: str |
     if until is not None and until not in PIPELINE:
         raise ValueError(f"until={until!r} is not a stage; choose one of: {', '.join(PIPELINE)}")
     out = os.path.abspath(os.fspath(out))
+    prefect_env()  # before run_flow starts the temporary server
     report = run_flow(config=config, out=out, until=until or PIPELINE[-1])
     return Report.from_dict(report, out)
 
