@@ -268,6 +268,7 @@ def main() -> None:
     for key, dtype in (("b_label_fp32", "fp32"), ("c_label_auto", "auto"), ("d_label_int8", "int8")):
         try:
             precision[key] = label_precision(teacher_dir, device="cpu", dtype=dtype, threads=args.threads,
+                                             max_length=args.max_length,
                                              cache_dir=args.cache_dir)
         except TeacherError as e:  # int8 where no int8 path beats fp32: recorded, not run
             print(f"({key[0]}) {dtype}: not run: {e}")

@@ -148,7 +148,8 @@ def _label(run: StageRun) -> Output:
     # sees the devices the tasks use, as teacher_devices already assumes.
     precision = {d: label_precision(run.layout.path("teacher", "model"), device=d, dtype=t["dtype"],
                                     threads=t["threads"], cache_dir=t["cache_dir"],
-                                    trust_remote_code=t["trust_remote_code"]) for d in plan}
+                                    trust_remote_code=t["trust_remote_code"], max_length=t["max_length"])
+                 for d in plan}
     # Only the settings label_shard reads (the fitted teacher itself is keyed by its weights' hash); of these,
     # device, threads and cache_dir are execution-only and never key a task (tasks/prefect_tasks.py).
     runtime = {k: t[k] for k in ("batch_tokens", "threads", "cache_dir", "trust_remote_code")}

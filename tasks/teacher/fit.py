@@ -276,17 +276,19 @@ def fit_head(run_dir: str, train_refs: Sequence[ShardRef], dev_refs: Sequence[Sh
         "pooling": "mean", "max_length": max_length, "truncation": truncation,
         "weights_hash": _combined_hash(base_hash, fitted),
         "metrics": metrics, "search": search, "train_rows": int(len(x)), "seed": seed,
-        "precision": _precision(base.path, device, dtype, cache_dir, trust_remote_code),
+        "precision": _precision(base.path, device, dtype, cache_dir, trust_remote_code, max_length),
         "fit_seconds": round(time.perf_counter() - t0, 3),
     }
     return _save_teacher(teacher_dir, meta, fitted)
 
 
-def _precision(path: str, device: str, dtype: str, cache_dir: str | None, trust_remote_code: bool) -> dict:
-    """What the teacher at ``path`` runs in on ``device`` (the per-machine probe, cached: no second measurement)."""
+def _precision(path: str, device: str, dtype: str, cache_dir: str | None, trust_remote_code: bool,
+               max_length: int) -> dict:
+    """What the teacher at ``path`` runs in on ``device`` (the per-machine probes, cached: no second measurement)."""
     from slimflow.tasks.teacher.model import model_shape, resolve_device, resolve_precision
 
-    return resolve_precision(dtype, resolve_device(device), model_shape(path, trust_remote_code), cache_dir)
+    return resolve_precision(dtype, resolve_device(device), model_shape(path, trust_remote_code), cache_dir,
+                             max_length=max_length)
 
 
 # ------------------------------------------------------------------------------------------- fine-tuning
@@ -598,7 +600,7 @@ def adopt_pretrained(teacher_dir: str, *, labels: Sequence[str], model: str,
         "labels": list(labels), "model_labels": model_labels, "label_index": index,
         "label_map": label_map or None, "head": None, "prefix": base.prefix, "max_length": max_length,
         "truncation": truncation, "weights_hash": weights_hash, "metrics": {},
-        "precision": _precision(base.path, device, dtype, cache_dir, trust_remote_code),
+        "precision": _precision(base.path, device, dtype, cache_dir, trust_remote_code, max_length),
     }
     return _save_teacher(teacher_dir, meta)
 

@@ -133,13 +133,16 @@ def label_shard(run_dir: str, in_ref: ShardRef, kind: str, teacher_dir: str, out
 
 
 def label_precision(teacher_dir: str, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                    cache_dir: str | None = None, trust_remote_code: bool = False) -> dict:
+                    cache_dir: str | None = None, trust_remote_code: bool = False,
+                    max_length: int | None = None) -> dict:
     """What labelling on ``device`` runs in (``resolve_precision``'s record: the dtype and, for auto, the GFLOP/s
-    measured), from the teacher's config alone. The label stage resolves it before its tasks, so the dtype
-    actually used keys the label cache and goes into the label manifest."""
+    measured; with ``max_length``, the attention implementation too), from the teacher's config alone. The label
+    stage resolves it before its tasks, so the dtype actually used keys the label cache and goes into the label
+    manifest. The attention implementation is recorded, not keyed: sdpa and eager differ in the last bits only
+    (pooled embeddings' cosine 0.99998 in bf16), like two thread counts."""
     set_threads(threads)  # the probe's figures hold for this thread count
     return resolve_precision(dtype, resolve_device(device), teacher_shape(teacher_dir, cache_dir, trust_remote_code),
-                             cache_dir)
+                             cache_dir, max_length=max_length)
 
 
 def available_devices(device: str = "auto") -> list[str]:

@@ -75,30 +75,34 @@ def _torch_float(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def resolve_precision(dtype: str, device, shape=None, cache_dir: str | None = None) -> dict:
+def resolve_precision(dtype: str, device, shape=None, cache_dir: str | None = None,
+                      max_length: int | None = None) -> dict:
     """What the teacher runs in on ``device``, with the reason: ``{"requested", "dtype", "device", ...}``.
 
     ``auto``: the fastest of fp32 / bf16 (fp16 too on GPUs) measured at the teacher's GEMM ``shape``
     (``slimflow.tasks.teacher.precision.probe``, cached per machine; e5-small's shape when None). ``int8``: CPU only,
-    the fastest int8 path measured (``slimflow.tasks.teacher.int8.plan``), refused when none beats fp32 here. The record
-    goes into teacher.json and the label manifest.
+    the fastest int8 path measured (``slimflow.tasks.teacher.int8.plan``), refused when none beats fp32 here. A
+    float teacher read at ``max_length`` tokens also gets its attention implementation measured
+    (``precision.attention_probe``; needs the shape's head count). The record goes into teacher.json and the
+    label manifest.
     """
     if dtype not in DTYPES:
         raise TeacherError(f"teacher.dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if dtype in FLOAT_DTYPES:
-        return {"requested": dtype, "dtype": dtype, "device": str(device)}
-    from slimflow.tasks.teacher.precision import GemmShape
+    from slimflow.tasks.teacher.precision import GemmShape, attention_probe, probe
 
-    shape = shape or GemmShape(384, 1536)
     if dtype == "int8":
         if device.type != "cpu":
             raise TeacherError(f"teacher.dtype int8 is a CPU path; on {device} use auto (bf16 / fp16 measured there)")
         from slimflow.tasks.teacher.int8 import plan
 
-        return plan(shape, cache_dir=cache_dir)
-    from slimflow.tasks.teacher.precision import probe
-
-    return probe(shape, device, cache_dir=cache_dir)
+        return plan(shape or GemmShape(384, 1536), cache_dir=cache_dir)
+    if dtype in FLOAT_DTYPES:
+        rec = {"requested": dtype, "dtype": dtype, "device": str(device)}
+    else:
+        rec = probe(shape or GemmShape(384, 1536), device, cache_dir=cache_dir)
+    if max_length and shape is not None and shape.heads and shape.hidden % shape.heads == 0:
+        rec |= attention_probe(shape, rec["dtype"], device, max_length, cache_dir=cache_dir)
+    return rec
 
 
 def resolve_dtype(dtype: str, device, shape=None, cache_dir: str | None = None) -> Any:
@@ -426,7 +430,9 @@ def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autoc
     set_threads(threads)  # before the probe: its figures hold for this thread count
     dev = resolve_device(device)
     cfg = getattr(teacher.model, "config", None)
-    rec = resolve_precision(dtype, dev, gemm_shape(cfg) if cfg is not None else None, cache_dir)
+    # attention measured for inference only: training keeps the model's own (its backward is another cost)
+    rec = resolve_precision(dtype, dev, gemm_shape(cfg) if cfg is not None else None, cache_dir,
+                            max_length=None if autocast else teacher.max_length)
     # Inference casts the weights once: on this project's CPU, autocast (fp32 weights re-cast every batch,
     # fp32 elementwise ops) ran ~2x slower than bf16 weights. Training (finetune) asks for autocast.
     use_autocast = bool(autocast)
@@ -444,6 +450,8 @@ def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autoc
         dt = _torch_float(rec["dtype"])
         if dt != torch.float32 and not use_autocast:
             model = model.to(dt)
+        if "attention" in rec:
+            rec = _set_attention(model, rec)
     teacher.model = model
     if teacher.head is not None:
         teacher.head = teacher.head.to(dev).float().eval()  # tiny: always fp32
@@ -451,6 +459,24 @@ def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autoc
     teacher.autocast = use_autocast and dt != torch.float32
     teacher.precision = rec
     return teacher
+
+
+def _set_attention(model, rec: dict) -> dict:
+    """Switch ``model`` to the attention implementation the probe chose (transformers' ``set_attn_implementation``);
+    a model that cannot switch keeps its own, and the record says which one ran and why."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if current == rec["attention"]:
+        return rec
+    if switch is None or current not in ("sdpa", "eager"):
+        return {**rec, "attention": current, "attention_kept": "the model has no sdpa / eager switch"}
+    try:
+        switch(rec["attention"])
+    except (ValueError, AttributeError, NotImplementedError) as e:
+        log.info("teacher attention stays %s: %s", current, e)
+        return {**rec, "attention": current, "attention_kept": str(e)}
+    return rec
 
 
 def load_base_teacher(model: str = "default", *, cache_dir: str | None = None, device: str = "auto",

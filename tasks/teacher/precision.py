@@ -45,6 +45,7 @@ class GemmShape:
     hidden: int
     ffn: int
     tokens: int = PROBE_TOKENS
+    heads: int = 0  # attention heads (0: unknown, no attention probe)
 
     @property
     def flops(self) -> float:
@@ -58,7 +59,8 @@ def gemm_shape(config) -> GemmShape:
     """The probe shape of a transformers config (hidden_size / intermediate_size; dim / hidden_dim for others)."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 384
     ffn = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None) or 4 * hidden
-    return GemmShape(int(hidden), int(ffn))
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None) or 0
+    return GemmShape(int(hidden), int(ffn), heads=int(heads))
 
 
 def _torch_dtype(name: str):
@@ -212,3 +214,66 @@ def probe(shape: GemmShape, device, *, cache_dir: str | None = None, refresh: bo
              "x".join(map(str, shape.as_list())), figures, how)
     return {"requested": "auto", "dtype": chosen, "device": str(device), "gflops": gflops, "shape": shape.as_list(),
             "cached": cached, "margin": MARGIN}
+
+
+# ------------------------------------------------------------------------------------------- attention
+# Which attention implementation a float teacher runs (issue 16). torch's fused CPU kernel (sdpa) is not always
+# the fastest: on an AMD EPYC with AVX512-BF16 it took 35 % of a bf16 forward, and matmul + softmax ("eager") ran
+# the same attention 2.1-2.5x faster up to 128 tokens, slower at 512; in fp32 eager lost by 4x at 256 tokens.
+# So it is measured too, at the teacher's max_length (the longest a batch gets: eager's lead shrinks with length).
+ATTENTION = ("sdpa", "eager")
+ATTENTION_TOKENS = 2048  # tokens of the probe batch (batch x max_length)
+
+Attend = Callable[[object, object, object, object], object]  # (q, k, v, additive mask) -> attention output
+
+
+def _eager(q, k, v, mask):
+    import torch
+
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def _sdpa(q, k, v, mask):
+    import torch
+
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def measure_attention(shape: GemmShape, dtype: str, device, length: int, *, attend: dict[str, Attend] | None = None,
+                      budget_s: float = PROBE_BUDGET_S, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """GFLOP/s of one attention layer (QK^T, softmax with a padding mask, AV) of the teacher's heads at
+    ``length`` tokens per row in ``dtype``, each way of ``ATTENTION``; ``attend`` and ``clock`` replace the
+    implementations and the timer (tests)."""
+    import torch
+
+    impls = attend or {"sdpa": _sdpa, "eager": _eager}
+    head_dim = shape.hidden // shape.heads
+    batch = max(1, ATTENTION_TOKENS // length)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, shape.heads, length, head_dim, generator=g).to(device, _torch_dtype(dtype))
+               for _ in range(3))
+    mask = torch.zeros(batch, 1, 1, length)
+    mask[batch // 2 :, :, :, length // 2 :] = torch.finfo(torch.float32).min  # half the rows padded to half
+    mask = mask.to(device, q.dtype)
+    flops = 4.0 * batch * shape.heads * length * length * head_dim
+    with torch.inference_mode():
+        return {name: time_gemms(lambda f=f: f(q, k, v, mask), flops, device=device, budget_s=budget_s, clock=clock)
+                for name, f in impls.items()}
+
+
+def attention_probe(shape: GemmShape, dtype: str, device, length: int, *, cache_dir: str | None = None,
+                    refresh: bool = False, attend: dict[str, Attend] | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> dict:
+    """The attention implementation to run a ``dtype`` teacher with on ``device`` at ``max_length`` ``length``:
+    the model's default (sdpa) unless eager beats it by ``MARGIN``; measured once per machine and cached like the
+    dtype probe. Returns ``{"attention", "attention_gflops", "attention_shape": [heads, length, head_dim]}``."""
+    figures, cached = cached_measure(f"attention:{dtype}:{shape.heads}x{length}", shape, device, ATTENTION,
+                                     lambda: measure_attention(shape, dtype, device, length, attend=attend,
+                                                               clock=clock),
+                                     cache_dir=cache_dir, refresh=refresh)
+    chosen = "eager" if figures.get("eager", 0.0) > MARGIN * figures.get("sdpa", 0.0) else "sdpa"
+    log.info("teacher attention in %s at %d tokens on %s: %s (GFLOP/s: %s; %s)", dtype, length, device, chosen,
+             ", ".join(f"{k} {v:.0f}" for k, v in figures.items()), "cached" if cached else "measured")
+    return {"attention": chosen, "attention_gflops": figures,
+            "attention_shape": [shape.heads, length, shape.hidden // shape.heads]}

@@ -88,6 +88,71 @@ def test_auto_load_records_what_it_measured(tmp_path, fitted_dir):
     assert before["dtype"] == rec["dtype"] and before["cached"] and before["gflops"] == rec["gflops"]
 
 
+class SlowAttention:
+    """Attention implementations timed by a fake clock: each call costs what ``cost`` says for its name."""
+
+    def __init__(self, cost: dict):
+        self.now, self.cost, self.calls = 0.0, cost, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def impls(self):
+        def timed(name, f):
+            def run(*a):
+                self.calls += 1
+                self.now += self.cost[name]
+                return f(*a)
+            return run
+        return {n: timed(n, f) for n, f in (("sdpa", precision._sdpa), ("eager", precision._eager))}
+
+
+@pytest.mark.parametrize("slow, expect", [("eager", "sdpa"), ("sdpa", "eager")])
+def test_the_attention_probe_picks_the_faster_implementation(tmp_path, slow, expect):
+    clock = SlowAttention({"sdpa": 1e-3, "eager": 1e-3})
+    clock.cost[slow] = 5e-3
+    shape = GemmShape(hidden=32, ffn=64, tokens=16, heads=4)
+    rec = precision.attention_probe(shape, "fp32", torch.device("cpu"), 12, cache_dir=str(tmp_path),
+                                    attend=clock.impls(), clock=clock)
+    assert rec["attention"] == expect and rec["attention_shape"] == [4, 12, 8]
+    assert rec["attention_gflops"][expect] == pytest.approx(5 * rec["attention_gflops"][slow], rel=1e-3)
+    calls = clock.calls
+    again = precision.attention_probe(shape, "fp32", torch.device("cpu"), 12, cache_dir=str(tmp_path),
+                                      attend=clock.impls(), clock=clock)
+    assert again == rec and clock.calls == calls  # cached per machine, dtype and length
+    # a tie within the margin keeps the model's own (sdpa): a flip would only add noise
+    tie = SlowAttention({"sdpa": 1e-3, "eager": 0.95e-3})
+    assert precision.attention_probe(shape, "bf16", torch.device("cpu"), 12, cache_dir=str(tmp_path),
+                                     attend=tie.impls(), clock=tie)["attention"] == "sdpa"
+
+
+def test_both_attention_implementations_compute_the_same_padded_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[1, :, :, 3:] = torch.finfo(torch.float32).min
+    torch.testing.assert_close(precision._eager(q, k, v, mask), precision._sdpa(q, k, v, mask), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chosen", ["eager", "sdpa"])
+def test_the_loaded_teacher_runs_the_attention_the_probe_chose(tmp_path, fitted_dir, monkeypatch, chosen):
+    def fake_probe(shape, dtype, device, length, **_):
+        assert shape.heads > 0 and length == 64  # the teacher's heads, at the max_length it reads
+        return {"attention": chosen, "attention_gflops": {}, "attention_shape": [shape.heads, length, 0]}
+
+    monkeypatch.setattr(precision, "attention_probe", fake_probe)
+    t = load_teacher(fitted_dir, device="cpu", dtype="fp32", max_length=64, cache_dir=str(tmp_path), reuse=False)
+    assert t.model.config._attn_implementation == chosen and t.precision["attention"] == chosen
+    texts = random_texts(8, seed=1)
+    ref = load_teacher(fitted_dir, device="cpu", dtype="fp32", max_length=64, cache_dir=str(tmp_path), reuse=False)
+    ref.model.set_attn_implementation("sdpa")
+    from slimflow.tasks.teacher.label import label_texts
+
+    np.testing.assert_allclose(label_texts(t, texts), label_texts(ref, texts), atol=1e-4)
+    rec = label_precision(fitted_dir, device="cpu", dtype="fp32", cache_dir=str(tmp_path), max_length=64)
+    assert rec["attention"] == chosen  # the label stage records what its tasks run
+
+
 # ------------------------------------------------------------------------------------------------------ int8
 def _int8_paths() -> list[str]:
     engines = [f"tensor:{e}" for e in int8.ENGINES if e in torch.backends.quantized.supported_engines]
