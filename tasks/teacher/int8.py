@@ -37,7 +37,7 @@ import warnings
 from pathlib import Path
 
 from slimflow.tasks.teacher.errors import TeacherError
-from slimflow.tasks.teacher.precision import PROBE_BUDGET_S, GemmShape, cached_measure, time_gemms
+from slimflow.tasks.teacher.precision import PROBE_BUDGET_S, GemmShape, cached_measure, switch_attention, time_gemms
 
 log = logging.getLogger(__name__)
 
@@ -243,19 +243,15 @@ def _eager_attention(model):
     """``model`` with its attention written out as matmul + softmax while it is exported: onnxruntime runs that
     graph as fast as the traced ``sdpa`` one at 32x32 tokens and 8-20% faster at 32x64 and 16x128 (e5-small,
     2 threads, fp32 and int8 alike). A model without the switch is exported as it is."""
-    config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    switch = getattr(model, "set_attn_implementation", None)
-    try:
-        if switch is not None and before not in (None, "eager"):
-            switch("eager")
-    except (ValueError, AttributeError, NotImplementedError) as e:
-        log.info("teacher dtype int8 (ort): exporting with %s attention (%s)", before, e)
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    kept = switch_attention(model, "eager") if before is not None else None
+    if kept is not None:
+        log.info("teacher dtype int8 (ort): exporting with %s attention (%s)", before, kept)
     try:
         yield
     finally:
-        if switch is not None and before is not None and getattr(config, "_attn_implementation", None) != before:
-            switch(before)
+        if before is not None:
+            switch_attention(model, before)
 
 
 def ort_body(model, *, output: str = "last_hidden_state", cache_dir: str | None = None) -> OrtBody:

@@ -462,21 +462,15 @@ def _place(teacher: Teacher, device: str, dtype: str, threads: int | None, autoc
 
 
 def _set_attention(model, rec: dict) -> dict:
-    """Switch ``model`` to the attention implementation the probe chose (transformers' ``set_attn_implementation``);
-    a model that cannot switch keeps its own, and the record says which one ran and why."""
-    config = getattr(model, "config", None)
-    current = getattr(config, "_attn_implementation", None)
-    switch = getattr(model, "set_attn_implementation", None)
-    if current == rec["attention"]:
+    """Switch ``model`` to the attention implementation the probe chose; a model that cannot switch keeps its
+    own, and the record says which one ran and why."""
+    from slimflow.tasks.teacher.precision import switch_attention
+
+    kept = switch_attention(model, rec["attention"])
+    if kept is None:
         return rec
-    if switch is None or current not in ("sdpa", "eager"):
-        return {**rec, "attention": current, "attention_kept": "the model has no sdpa / eager switch"}
-    try:
-        switch(rec["attention"])
-    except (ValueError, AttributeError, NotImplementedError) as e:
-        log.info("teacher attention stays %s: %s", current, e)
-        return {**rec, "attention": current, "attention_kept": str(e)}
-    return rec
+    log.info("teacher attention stays as it is: %s", kept)
+    return {**rec, "attention": getattr(model.config, "_attn_implementation", None), "attention_kept": kept}
 
 
 def load_base_teacher(model: str = "default", *, cache_dir: str | None = None, device: str = "auto",

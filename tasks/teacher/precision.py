@@ -277,3 +277,19 @@ def attention_probe(shape: GemmShape, dtype: str, device, length: int, *, cache_
              ", ".join(f"{k} {v:.0f}" for k, v in figures.items()), "cached" if cached else "measured")
     return {"attention": chosen, "attention_gflops": figures,
             "attention_shape": [shape.heads, length, shape.hidden // shape.heads]}
+
+
+def switch_attention(model, name: str) -> str | None:
+    """Switch a transformers ``model`` to attention ``name`` (``set_attn_implementation``); None when it runs
+    ``name`` now, else why it keeps its own (no switch, another implementation, or the switch refused)."""
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if current == name:
+        return None
+    if switch is None or current not in ATTENTION:
+        return f"the model has no sdpa / eager switch (it runs {current})"
+    try:
+        switch(name)
+    except (ValueError, AttributeError, NotImplementedError) as e:
+        return str(e)
+    return None
