@@ -9,7 +9,8 @@ augment stage's business alone.
 Units:
 - ``words``: zh: jieba's words through jieba-rs (tasks/fastseg.py, ~15 us a review); any other language:
   runs of word characters and single punctuation marks (``\\w+|[^\\w\\s]``, one C regex, ~6 us a review:
-  spaCy's tagger pipeline cost about what the teacher does, DESIGN.md).
+  spaCy's tagger pipeline cost about what the teacher does, DESIGN.md). A vocabulary encodes these tokens in
+  one compiled pass instead (tasks/students/words.py, ~1 us a review, the same ids); this function defines them.
 - ``chars``: characters + character bigrams, looked up in one compiled loop (tasks/students/chars.py).
 - ``subword``: the teacher's own fast tokenizer (Hugging Face ``tokenizers``, Rust), its ids mapped to the
   student's trimmed vocabulary (tasks/students/subword.py). Works for any language the teacher reads.

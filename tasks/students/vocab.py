@@ -131,6 +131,20 @@ class Vocab:
         return enc
 
     @property
+    def words(self):
+        """The compiled encoder of a words vocabulary of a language written with spaces (tasks/students/words.
+        WordEncoder: the tokens of word_tokens, ~10x faster), built on first use."""
+        enc = self.__dict__.get("_words")
+        if enc is None:
+            if self.unit != "words" or self.lang == "zh":
+                raise ValueError(f"a {self.unit} vocabulary of {self.lang!r} has no compiled word encoder")
+            from slimflow.tasks.students.words import WordEncoder
+
+            enc = WordEncoder(self.itos, lowercase=self.lowercase)
+            object.__setattr__(self, "_words", enc)
+        return enc
+
+    @property
     def subword(self):
         """The tokenizer-backed encoder of a subword vocabulary (tasks/students/subword.SubwordEncoder)."""
         enc = self.__dict__.get("_subword")
@@ -171,6 +185,8 @@ class Vocab:
     def _encode_texts(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
         if self.unit == "subword":
             return self.subword.encode(texts, max_len)
+        if self.lang != "zh":  # the tokens of word_tokens, scanned and looked up in one compiled pass
+            return self.words.encode(texts, max_len)
         from slimflow.tasks.students.tokens import word_tokens
 
         # word_tokens lowercases whole texts (one str.lower() each): the lookup need not fold word by word.
