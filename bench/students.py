@@ -12,7 +12,8 @@ unknown tokens occur as in real serving, then filled to max_vocab so the tables 
 - en-long: English documents of 300-1,000 words, each made here by joining en-reviews of one label in order
   (a stand-in for news or long reviews; no long-document corpus ships in a PyPI package we know of).
 Students: each kind with the token unit the config picks for the language by default (StudentConfig.unit_of),
-exported with slimflow.tasks.students.export and served by its Predictor (backend and threads "auto"), untrained
+exported with slimflow.tasks.students.export and served by its Predictor (backend and threads "auto": the BiLSTM
+in int8 where its export measured int8 faster than fp32, recorded as "backend" and "int8"), untrained
 weights (speed does not depend on them), StudentConfig's default sizes.
 Teacher: the bundled default (multilingual-e5-small, converted once by slimflow.tasks.teacher) with a 2-class head,
 through label_texts, the label stage's own path, with the config's default max_length and token budget.
@@ -192,7 +193,9 @@ def main() -> None:
             for kind in KINDS:
                 meta = json.loads(Path(dirs[name, kind], "student.json").read_text())
                 st, sv = best(f"{name} {kind}")
-                s = {"unit": meta["unit"], "params": meta["params"], "bytes_on_disk": size_on_disk(dirs[name, kind]),
+                s = {"unit": meta["unit"], "backend": predictors[name, kind, 1].backend,
+                     "int8": meta.get("int8"), "params": meta["params"],
+                     "bytes_on_disk": size_on_disk(dirs[name, kind]),
                      "threads": st, "texts_per_s": sv, "ratio": sv / tv}
                 res["students"][kind] = s
                 print(f"{name:<11} {kind:<8} {s['unit']:<8} {s['params']:>11,} {s['bytes_on_disk'] / 1e6:>6.1f} "

@@ -5,7 +5,7 @@ import pytest
 import torch
 from slimflow.storage.schema import SEGMENT
 from slimflow.storage.shards import write_shard
-from slimflow.tasks.students.export import Predictor, export_student, predict_lines
+from slimflow.tasks.students.export import INT8_MIN_SPEEDUP, Predictor, _auto_backend, export_student, predict_lines
 from slimflow.tasks.students.train import load_student, train_student
 from slimflow.tasks.students.vocab import Vocab
 
@@ -61,13 +61,60 @@ def test_predictor_backends_agree_and_map_text_to_labels(exported, kind):
     texts = ["很好", "太差了", "", "好" * 50, "差差", "好差好"]
     p_onnx = Predictor(export_dir, backend="onnx", batch_size=5, rows_per_call=2)  # steps, sorted sub-calls
     p_ts = Predictor(export_dir, backend="torchscript", rows_per_call=64)
-    # auto: TorchScript's embedding_bag for a BOW, onnxruntime for the others
-    assert p_onnx.backend == "onnx" and Predictor(export_dir).backend == ("torchscript" if kind == "bow" else "onnx")
+    # auto: TorchScript's embedding_bag for a BOW, onnxruntime for the others (the BiLSTM's int8 where its export
+    # measured int8 faster)
+    fast_int8 = meta.get("int8", {}).get("speedup", 0) >= INT8_MIN_SPEEDUP
+    auto = "torchscript" if kind == "bow" else "onnx_int8" if kind == "bilstm" and fast_int8 else "onnx"
+    assert p_onnx.backend == "onnx" and Predictor(export_dir).backend == auto
     np.testing.assert_allclose(p_onnx.predict_proba(texts), p_ts.predict_proba(texts), atol=1e-5)
     labels, probs = p_onnx.predict(texts)
     assert len(labels) == 6 and set(labels) <= set(LABELS) and probs.shape == (6, len(LABELS))
     # each label is its row's most probable class, in p.labels' column order
     assert labels == [p_onnx.labels[k] for k in probs.argmax(-1)] and np.allclose(probs.sum(-1), 1, atol=1e-5)
+
+
+def test_bilstm_export_ships_an_int8_lstm_close_to_fp32_with_its_measured_speedup(exported):
+    import onnx
+
+    train_dir, export_dir = exported["bilstm"]
+    meta = json.loads(open(f"{export_dir}/student.json").read())
+    assert meta["int8"]["ops"] == ["LSTM"] and meta["int8"]["speedup"] > 0 and "model.int8.onnx" in meta["files"]
+    ops = {n.op_type for n in onnx.load(f"{export_dir}/model.int8.onnx").graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    texts = ["很好", "太差了", "", "好" * 50, "差差", "好差好"]
+    p8, p32 = Predictor(export_dir, backend="onnx_int8"), Predictor(export_dir, backend="onnx")
+    np.testing.assert_allclose(p8.predict_proba(texts), p32.predict_proba(texts), atol=0.02)
+    assert not json.loads(open(f"{exported['cnn'][1]}/student.json").read()).get("int8")  # CNN: fp32 only
+
+
+def test_auto_backend_serves_bilstm_int8_only_where_measured_faster():
+    files = {"model.onnx": "x", "model.ts": "x", "model.int8.onnx": "x"}
+
+    def auto(kind, speedup):
+        return _auto_backend({"kind": kind, "files": files, "int8": {"speedup": speedup}})
+
+    assert auto("bilstm", INT8_MIN_SPEEDUP + 0.1) == "onnx_int8"
+    assert auto("bilstm", INT8_MIN_SPEEDUP - 0.1) == "onnx"  # int8 flips ~1% of predictions: not for less
+    assert auto("transformer", 0.5) == "onnx_int8" and auto("bow", 9.0) == "torchscript"
+    assert _auto_backend({"kind": "bilstm", "files": {"model.onnx": "x"}}) == "onnx"  # an export before int8
+
+
+def test_served_metrics_score_the_export_on_raw_test_text(exported, tmp_path):
+    import pyarrow as pa
+    from slimflow.tasks.evaluate import served_metrics
+
+    _, export_dir = exported["bilstm"]
+    p = Predictor(export_dir, backend="onnx")
+    texts = ["很好", "太差了", "好", "差了", "好好", "差"]
+    pred, _ = p.predict(texts)
+    gold = [pred[0], pred[1], pred[2]] + [LABELS[1 - LABELS.index(y)] for y in pred[3:]]  # three right, three wrong
+    n = len(texts)
+    table = {"id": [f"t{i}" for i in range(n)], "text": texts, "label": gold, "source_file": ["t"] * n,
+             "source_row": list(range(n)), "words": [list(t) for t in texts], "pos": [["x"] * len(t) for t in texts],
+             "ws": [[False] * len(t) for t in texts]}
+    ref = write_shard(pa.table(table), str(tmp_path), "segment/test", "test", 0, SEGMENT)
+    m = served_metrics(str(tmp_path), [ref], p)
+    assert m["accuracy"] == pytest.approx(0.5) and m["n"] == n
 
 
 def test_predict_lines_writes_one_tsv_line_per_input(exported):
