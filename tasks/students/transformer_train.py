@@ -14,7 +14,10 @@ What differs is the step:
   logit losses alone, the replacement rate growing linearly per step; dev accuracy is the student's alone.
 
 Deterministic on the CPU: dropout and Theseus draws come from torch's RNG, saved in last.pt, and the batches from
-ShardStream's (seed, epoch). On a GPU the steps run under bf16 autocast (fp32 weights and optimizer).
+ShardStream's (seed, epoch). The steps run under autocast (fp32 weights and optimizer) in the dtype the teacher's
+precision probe measures fastest at the student's GEMM shape on its device (slimflow.tasks.teacher.precision,
+cached per machine): bf16 on a GPU with it, and on CPUs where bf16 GEMMs beat fp32 (an AVX512-BF16 EPYC: 937 vs
+219 GFLOP/s), fp32 elsewhere. The dtype keys the training (a resume never mixes two) and is in result.json.
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
             "hard_label_weight_schedule", "kd_weight_schedule", "method", "theseus_rate", "theseus_slope", "max_len",
             "epochs", "patience", "batch_size", "lr", "warmup", "weight_decay", "dropout", "shuffle_buffer", "seed")
     params = {"kind": "transformer", "mode": mode, **{k: s[k] for k in keys}, "method": method}
+    device = resolve_device(s.get("device", "auto"))
+    precision = _precision(encoder, device, s.get("cache_dir"))
+    params["amp"] = precision["dtype"]
     fp = fingerprint("train_student", params, [r.sha256 for r in train_refs], [r.sha256 for r in dev_refs],
                      vocab.fingerprint, list(labels), weights_hash)
     if (done := finished_training(out_dir, fp)) is not None:
@@ -115,7 +121,6 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
                                   max_len=s["max_len"], dropout=0.0)
         teacher.eval().requires_grad_(False)
     del encoder
-    device = resolve_device(s.get("device", "auto"))
     model.to(device)
     if teacher is not None:
         teacher.to(device)
@@ -143,7 +148,9 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, step = list(state["history"]), int(state["epoch"]), int(state["step"])
     ctx = {"params": params, "settings": s, "teacher": teacher, "maps": layer_maps(model_config["layers"]),
-           "modules": theseus_modules(model_config["layers"], n_teacher), "device": device,
+           "modules": theseus_modules(model_config["layers"], n_teacher), "device": device, "amp": params["amp"],
+           # fp16 only: bf16 and fp32 keep fp32's exponent range, their gradients need no scaling
+           "scaler": torch.amp.GradScaler(device.split(":")[0], enabled=params["amp"] == "fp16"),
            "total_steps": total_steps, "show": sys.stderr.isatty() if progress is None else progress}
 
     epoch = start_epoch
@@ -165,7 +172,7 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
     result = {"fingerprint": fp, "kind": "transformer", "mode": mode, "best_dev_accuracy": best_acc,
               "best_epoch": best_at, "epochs_run": len(history), "stopped_early": len(history) < s["epochs"],
               "checkpoint": best_path, "out_dir": out_dir, "params": params, "model_config": model_config,
-              "labels": list(labels), "train_rows_skipped": train.skipped, "history": history,
+              "labels": list(labels), "train_rows_skipped": train.skipped, "history": history, "precision": precision,
               "files": _result_files(out_dir)}
     atomic_write_text(result_path, json.dumps(result, indent=1, ensure_ascii=False))
     return result
@@ -175,12 +182,22 @@ def _cpu_state(model) -> dict:
     return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
-def _autocast(device: str):
+def _precision(encoder, device: str, cache_dir: str | None) -> dict:
+    """The teacher's ``dtype: auto`` probe at this encoder's GEMM shape on ``device``: fp32, bf16, or fp16 (GPUs
+    without bf16; its steps then go through a gradient scaler)."""
+    import torch
+    from slimflow.tasks.teacher.precision import gemm_shape, probe
+
+    return probe(gemm_shape(encoder.config), torch.device(device), cache_dir=cache_dir)
+
+
+def _autocast(device: str, amp: str = "fp32"):
     import torch
 
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return nullcontext()
+    if amp == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu",
+                          dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def _step_loss(model, batch, step: int, ctx: dict):
@@ -243,19 +260,21 @@ def _run_epoch(model, opt, sched, train: ShardStream, dev: ShardStream, epoch: i
     model.train()
     meter = EpochMeter(tqdm(total=train.rows_upper_bound, desc=f"transformer {params['mode']} epoch {epoch + 1}",
                             unit="row", disable=not ctx["show"], leave=False))
+    scaler = ctx["scaler"]
     for b in train.epoch(epoch):
-        with _autocast(ctx["device"]):
+        with _autocast(ctx["device"], ctx["amp"]):
             total, parts = _step_loss(model, b, step, ctx)
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         step += 1
         meter.add(total.item(), parts, len(b))
-    return meter.close(epoch, *predict(model, dev, ctx["device"]), len(train.labels)), step
+    return meter.close(epoch, *predict(model, dev, ctx["device"], ctx["amp"]), len(train.labels)), step
 
 
-def predict(model, stream: ShardStream, device: str = "cpu") -> tuple[list[int], list[int]]:
+def predict(model, stream: ShardStream, device: str = "cpu", amp: str = "fp32") -> tuple[list[int], list[int]]:
     """(gold, predicted) class ids over a non-shuffled stream, in eval mode without gradients."""
     import torch
 
@@ -263,7 +282,7 @@ def predict(model, stream: ShardStream, device: str = "cpu") -> tuple[list[int],
     model.eval()
     y_true: list[int] = []
     y_pred: list[int] = []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device, amp):
         for b in stream.epoch(0):
             logits = model(torch.from_numpy(b.ids).to(device), torch.from_numpy(b.lengths).to(device))
             y_pred.extend(logits.argmax(-1).tolist())

@@ -369,3 +369,28 @@ def test_the_int8_weight_type_is_the_more_faithful_one_unless_both_are():
     # both faithful: U8S8, the kernel VNNI / AMX run natively
     assert choose_int8({"int8": 0.010, "uint8": 0.009}) == "int8"
     assert choose_int8({"int8": 0.010, "uint8": 0.020}) == "int8"
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp32"])
+def test_training_runs_under_the_measured_autocast_dtype_and_keys_it(data, teacher, tmp_path, monkeypatch, amp):
+    """The probe's dtype (injected here) is the autocast of every step, recorded, and part of the fingerprint:
+    a run made under another dtype is not taken for this one's."""
+    from slimflow.tasks.students import transformer_train as tt
+
+    seen = []
+    real = tt._step_loss
+
+    def spy(model, batch, step, ctx):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return real(model, batch, step, ctx)
+
+    other = "fp32" if amp == "bf16" else "bf16"
+    monkeypatch.setattr(tt, "_step_loss", spy)
+    monkeypatch.setattr(tt, "_precision", lambda *a: {"requested": "auto", "dtype": other, "device": "cpu"})
+    first = _train(data, teacher, tmp_path / "s", losses={"kl": 1.0}, epochs=1)
+    monkeypatch.setattr(tt, "_precision", lambda *a: {"requested": "auto", "dtype": amp, "device": "cpu"})
+    seen.clear()
+    res = _train(data, teacher, tmp_path / "s", losses={"kl": 1.0}, epochs=1)
+    assert seen and set(seen) == {torch.bfloat16 if amp == "bf16" else torch.float32}  # trained again, in amp
+    assert res["params"]["amp"] == amp and res["precision"]["dtype"] == amp
+    assert res["fingerprint"] != first["fingerprint"]
