@@ -19,7 +19,8 @@ Teacher: the bundled default (multilingual-e5-small, converted once by slimflow.
 through label_texts, the label stage's own path, with the config's default max_length and token budget.
 
 Timings interleave rounds (every configuration once per round) and report medians, so other work on the
-machine hits teacher and students alike; each side gets its best thread count (1 or 2).
+machine hits teacher and students alike; each side gets its best thread count (1 or 2). Each model runs in a
+process of its own, as it is served (the timings one after another, never side by side).
 
     .venv/bin/python bench/students.py            # writes bench/results/students.json
 """
@@ -29,10 +30,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,30 @@ def load_teacher_fn():
         f"max_length {t.max_length}, truncation {tc.truncation}, batch_tokens {budget})")
 
 
+_LOADED: dict = {}  # a timing worker's model, loaded on its first call (one model per worker process)
+
+
+def timing(export_dir: str | None, texts: list[str], threads: int, min_seconds: float,
+           warmup: int) -> tuple[float, str, float]:
+    """In a worker process: (texts/s at batch 32, what ran, seconds to load it) of the teacher (``export_dir``
+    None) or of the student exported there, at ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)  # the teacher's; a TorchScript BOW's too (its Predictor sets it only once)
+    t0 = time.perf_counter()
+    if export_dir is None:
+        if "teacher" not in _LOADED:
+            _LOADED["teacher"] = load_teacher_fn()
+        fn, what = _LOADED["teacher"]
+    else:
+        if threads not in _LOADED:
+            _LOADED[threads] = Predictor(export_dir, threads=threads, batch_size=32)
+        fn, what = _LOADED[threads].predict, _LOADED[threads].backend
+    load_s = time.perf_counter() - t0
+    r = measure_throughput(fn, texts, 32, min_seconds=min_seconds, warmup_batches=warmup)
+    return r["texts_per_s"], what, load_s
+
+
 def full_vocab(texts: list[str], unit: str, lang: str, size: int) -> Vocab:
     """The unit's vocabulary of ``texts`` (as the train stage builds it), filled to ``size`` tokens with ones
     that never occur, so the lookup tables are as large as a real run's."""
@@ -132,20 +159,16 @@ def main() -> None:
     load_before = os.getloadavg()
     cfg = StudentConfig()
     sets = text_sets(args.texts, args.long, 8000)
-    t0 = time.perf_counter()
-    teacher_fn, teacher_desc = load_teacher_fn()
-    teacher_load_s = time.perf_counter() - t0
+    teacher_desc, teacher_load_s = "", 0.0
     runs: dict[str, list[float]] = {}
+    backends: dict[tuple, str] = {}
 
-    def timed(name: str, fn, data, batch: int, **kw) -> float:
-        r = measure_throughput(fn, data, batch, min_seconds=kw.pop("min_seconds", 1.0), **kw)
-        runs.setdefault(name, []).append(r["texts_per_s"])
-        print(f"  {name:<40} {r['texts_per_s']:>12,.1f} texts/s", flush=True)
-        return r["texts_per_s"]
+    def record(name: str, texts_per_s: float) -> None:
+        runs.setdefault(name, []).append(texts_per_s)
+        print(f"  {name:<40} {texts_per_s:>12,.1f} texts/s", flush=True)
 
     info: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        predictors: dict[tuple, Predictor] = {}
         dirs: dict[tuple, str] = {}
         for name, lang in SETS.items():
             texts, vocab_texts = sets[name]
@@ -165,19 +188,29 @@ def main() -> None:
                 dirs[name, kind] = os.path.join(tmp, name, kind)
                 export_model(model.eval(), vocab, LABELS, mc, dirs[name, kind], lang=lang)
 
-        for rnd in range(args.rounds):
-            print(f"round {rnd + 1}/{args.rounds} (load average {os.getloadavg()[0]:.2f})")
-            for name in SETS:
-                texts = sets[name][0]
-                for threads in (1, 2):
-                    torch.set_num_threads(threads)
-                    timed(f"{name} teacher t{threads}", teacher_fn, texts[: args.teacher_texts], 32,
-                          warmup_batches=1, min_seconds=0)
-                    for kind in KINDS:
-                        if (name, kind, threads) not in predictors:
-                            predictors[name, kind, threads] = Predictor(dirs[name, kind], threads=threads,
-                                                                        batch_size=32)
-                        timed(f"{name} {kind} t{threads}", predictors[name, kind, threads].predict, texts, 32)
+        # Each model is timed in a process of its own, as it is served (one `slimflow predict` per model): in one
+        # process, the teacher's OpenMP threads slowed a 2-thread onnxruntime BiLSTM timed after it by ~30%.
+        spawn = multiprocessing.get_context("spawn")
+        pools = {key: ProcessPoolExecutor(1, mp_context=spawn)
+                 for key in ["teacher", *((name, kind) for name in SETS for kind in KINDS)]}
+        try:
+            for rnd in range(args.rounds):
+                print(f"round {rnd + 1}/{args.rounds} (load average {os.getloadavg()[0]:.2f})")
+                for name in SETS:
+                    texts = sets[name][0]
+                    for threads in (1, 2):
+                        tv, teacher_desc, load_s = pools["teacher"].submit(
+                            timing, None, texts[: args.teacher_texts], threads, 0.0, 1).result()
+                        teacher_load_s = teacher_load_s or load_s
+                        record(f"{name} teacher t{threads}", tv)
+                        for kind in KINDS:
+                            sv, backend, _ = pools[name, kind].submit(timing, dirs[name, kind], texts, threads, 1.0,
+                                                                      3).result()
+                            backends[name, kind, threads] = backend
+                            record(f"{name} {kind} t{threads}", sv)
+        finally:
+            for pool in pools.values():
+                pool.shutdown()
         med = {k: float(np.median(v)) for k, v in runs.items()}
 
         def best(key: str) -> tuple[int, float]:
@@ -193,7 +226,7 @@ def main() -> None:
             for kind in KINDS:
                 meta = json.loads(Path(dirs[name, kind], "student.json").read_text())
                 st, sv = best(f"{name} {kind}")
-                s = {"unit": meta["unit"], "backend": predictors[name, kind, 1].backend,
+                s = {"unit": meta["unit"], "backend": backends[name, kind, 1],
                      "int8": meta.get("int8"), "params": meta["params"],
                      "bytes_on_disk": size_on_disk(dirs[name, kind]),
                      "threads": st, "texts_per_s": sv, "ratio": sv / tv}
