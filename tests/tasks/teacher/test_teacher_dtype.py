@@ -262,6 +262,14 @@ def test_int8_refuses_where_no_path_beats_fp32():
     assert rec["path"] == "tensor:onednn" and rec["dtype"] == "int8" and rec["gops"]["fp32"] == 50.0
 
 
+def test_int8_prefers_per_token_scales_wherever_they_beat_fp32():
+    # per-token activation scales move fewer labels than one scale per tensor: taken even when ort is faster
+    assert int8.plan(SHAPE, figures={"fp32": 50.0, "token": 60.0, "ort": 200.0})["path"] == "token"
+    # where the token path is slower than fp32 (no VNNI kernel), the fastest per-tensor path that beats fp32
+    rec = int8.plan(SHAPE, figures={"fp32": 50.0, "token": 1.0, "tensor:x86": 70.0, "ort": 90.0})
+    assert rec["path"] == "ort"
+
+
 def test_int8_labels_end_to_end(tmp_path, fitted_dir, monkeypatch):
     # whatever this CPU measures, run the token path (the figures are injected: the path is what is under test)
     monkeypatch.setattr(int8, "measure", lambda shape, **kw: {"fp32": 1.0, "token": 2.0})
@@ -285,10 +293,12 @@ def test_a_failed_ort_export_falls_back_to_the_fastest_torch_path_and_says_so(tm
         raise RuntimeError("cannot trace this model")
 
     monkeypatch.setattr(int8, "_export", cannot_trace)
-    monkeypatch.setattr(int8, "measure", lambda shape, **kw: {"fp32": 1.0, "token": 2.0, "ort": 3.0})
+    # ort planned (the token path slower than fp32 here), its export fails: the torch per-tensor path instead
+    monkeypatch.setattr(int8, "measure",
+                        lambda shape, **kw: {"fp32": 1.0, "token": 0.5, "tensor:x86": 2.0, "ort": 3.0})
     kw = dict(device="cpu", dtype="int8", reuse=False)
     t = load_teacher(fitted_dir, cache_dir=str(tmp_path / "a"), **kw)
-    assert t.precision["path"] == "token" and "cannot trace this model" in t.precision["fallback"]
+    assert t.precision["path"] == "tensor:x86" and "cannot trace this model" in t.precision["fallback"]
     ids = torch.randint(5, 23, (4, 7))
     assert t.logits(ids, torch.ones_like(ids)).shape == (4, len(t.labels))
     # and where no torch path beats fp32 either, a clear refusal instead of a slow int8
