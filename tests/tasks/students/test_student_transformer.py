@@ -334,6 +334,15 @@ def test_onnx_export_agrees_with_pytorch_and_the_predictor_serves_it_int8(data, 
 
     int8 = meta["int8"]
     assert set(int8["deviation"]) == set(INT8_WEIGHTS) and all(0 <= d < 0.5 for d in int8["deviation"].values())
+    # each layer's FFN down-projection (intermediate -> hidden) stays fp32, every other layer MatMul is int8
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "export" / "model.int8.onnx")).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    fp32_mm = [n for n in graph.node if n.op_type == "MatMul" and any(len(shapes.get(x, ())) == 2 for x in n.input)]
+    assert int8["fp32_matmuls"] == len(fp32_mm) > 0
+    assert all(shapes[x][0] > shapes[x][1] for n in fp32_mm for x in n.input if len(shapes.get(x, ())) == 2)
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
     assert int8["weights"] == choose_int8(int8["deviation"])
     model, vocab, _, cfg = load_student(str(tmp_path / "t"))
     texts = ["好 w12 w3", "差 w9 w19 w0 w4", "", "w1 " * 40, "w88 好 差 w7"]  # empty, and one cut at max_len
