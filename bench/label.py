@@ -6,7 +6,8 @@
 (a) ``transformers.pipeline("text-classification")`` as a user would call it: fp32, its default batching,
     on a ``BertForSequenceClassification`` holding the converted e5 encoder (throughput is what's compared);
 (b) our ``label_shard`` in fp32, (c) with ``dtype: auto`` (the GEMM probe's choice, recorded), (d) in int8 (the
-    fastest int8 path measured here; skipped with the reason when no int8 path beats fp32), with the default
+    path ``int8.plan`` takes here: per-token scales where they beat fp32, else the fastest per-tensor path;
+    skipped with the reason when no int8 path beats fp32), with the default
     teacher (e5 + logistic-regression head, fitted here on 1,000 other reviews). All see the same texts.
 
 Reported: the GEMM ceilings measured in this run (fp32, bf16, int8), texts/s, padding waste, achieved model
