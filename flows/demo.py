@@ -12,8 +12,9 @@ import os
 import yaml
 
 PRESETS = {
-    # quick: ~14k texts labelled (the teacher labels ~30-50 texts/s on a 2-core CPU), spent mostly on unlabelled
-    # rows; 20-30 minutes end to end there, against a goal of 15 (issue 15). With 6,000 unlabelled rows and 3
+    # quick: ~14k texts labelled, spent mostly on unlabelled rows. End to end on a 2-core CPU: 4-10 minutes where
+    # the teacher runs bf16 (AVX512-BF16 EPYC, ~100-200 texts/s), 20-30 minutes in fp32 on an AVX2-only one
+    # (~30-50 texts/s), against a goal of 15 (issue 15). With 6,000 unlabelled rows and 3
     # augmented copies per labelled row, the students did as well without the augmented rows as with them
     # (zh-reviews and en-reviews); 10,000 unlabelled rows and one copy, at the same labelling cost, did better
     # (bench/student_quality.py, its transfer_sets).
