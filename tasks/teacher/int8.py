@@ -204,19 +204,27 @@ def _session(path: str):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def _int8_matmuls(onnx_path: str) -> list[str]:
-    """Names of the exported graph's MatMul nodes to quantise: those with a weight (an initializer) as their
-    second input, but the down-projections (more inputs than outputs) and the classification layers."""
+def matmul_weights(onnx_path: str) -> list[tuple[str, int, int]]:
+    """(node name, in, out) of an exported graph's MatMul nodes whose second input is a 2-D weight (an
+    initializer: the exporter's transposed [in, out]). Shared by the teacher's ``ort`` path and the students'
+    int8 export, so both apply the same down-projection rule to the same nodes."""
     import onnx
 
     graph = onnx.load(onnx_path, load_external_data=False).graph
     shapes = {init.name: list(init.dims) for init in graph.initializer}
-    names = []
+    found = []
     for node in graph.node:
         dims = shapes.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if dims and len(dims) == 2 and _runs_int8(node.name.split("/"), dims[0], dims[1], per_tensor=True):
-            names.append(node.name)  # dims: [in, out], the exporter's transposed weight
-    return names
+        if dims and len(dims) == 2:
+            found.append((node.name, dims[0], dims[1]))
+    return found
+
+
+def _int8_matmuls(onnx_path: str) -> list[str]:
+    """Names of the exported graph's MatMul nodes to quantise: those with a weight, but the down-projections
+    (more inputs than outputs) and the classification layers."""
+    return [name for name, n_in, n_out in matmul_weights(onnx_path)
+            if _runs_int8(name.split("/"), n_in, n_out, per_tensor=True)]
 
 
 def _quantize_onnx(fp32_path: str, out_path: str) -> None:
