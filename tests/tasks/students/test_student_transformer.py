@@ -317,6 +317,32 @@ def test_baseline_mode_trains_on_gold_labels_and_a_words_vocabulary_is_refused(d
         _train((run_dir, train, dev, words), teacher, tmp_path / "w")
 
 
+def test_blockwise_down_projections_are_measured_and_only_kept_when_faithful(data, teacher, tmp_path, monkeypatch):
+    """The down-projections' blockwise int8 is a measured choice: refused when it deviates more than the fp32-down
+    file (a threshold of 0 here), and when the deviation allows it, kept exactly when it ran faster."""
+    import onnx
+
+    from slimflow.tasks.students import export as ex
+
+    _train(data, teacher, tmp_path / "t", epochs=1)
+    monkeypatch.setattr(ex, "DOWN_MAX_DEVIATION", 0.0)
+    meta = ex.export_student(str(tmp_path / "t"), str(tmp_path / "export"), lang="en")
+    down = meta["int8"]["down_projections"]
+    assert down["chosen"] is False and down["as"] == "fp32" and down["deviation"] > 0
+    int8_path = str(tmp_path / "export" / "model.int8.onnx")
+    before = open(int8_path, "rb").read()
+    nodes = ex.down_projections(str(tmp_path / "export" / "model.onnx"))
+    inputs = ex._probe_inputs(meta["model"]["vocab_size"], meta["max_len"])
+    reference = ex._probabilities(str(tmp_path / "export" / "model.onnx"), inputs)
+    monkeypatch.setattr(ex, "DOWN_MAX_DEVIATION", float("inf"))
+    rec = ex.blockwise_down_projections(int8_path, nodes, str(tmp_path / "cand.onnx"), inputs, reference, 1.0)
+    assert rec["chosen"] == (rec["speedup_over_fp32_down"] > 1.0)
+    ops = [n.op_type for n in onnx.load(int8_path).graph.node]
+    assert (ops.count("MatMulNBits") == len(nodes)) == rec["chosen"]
+    assert rec["chosen"] or open(int8_path, "rb").read() == before
+    assert np.abs(ex._probabilities(int8_path, inputs) - reference).max() < 0.05
+
+
 def test_onnx_export_agrees_with_pytorch_and_the_predictor_serves_it_int8(data, teacher, tmp_path):
     import os
 
@@ -334,14 +360,23 @@ def test_onnx_export_agrees_with_pytorch_and_the_predictor_serves_it_int8(data, 
 
     int8 = meta["int8"]
     assert set(int8["deviation"]) == set(INT8_WEIGHTS) and all(0 <= d < 0.5 for d in int8["deviation"].values())
-    # each layer's FFN down-projection (intermediate -> hidden) stays fp32, every other layer MatMul is int8
+    # each layer's FFN down-projection (intermediate -> hidden) is not quantised per call: it stays fp32, or runs
+    # as blockwise int8 (MatMulNBits) where that measured faster and as faithful; every other layer MatMul is int8
     import onnx
 
     graph = onnx.load(str(tmp_path / "export" / "model.int8.onnx")).graph
     shapes = {i.name: tuple(i.dims) for i in graph.initializer}
     fp32_mm = [n for n in graph.node if n.op_type == "MatMul" and any(len(shapes.get(x, ())) == 2 for x in n.input)]
-    assert int8["fp32_matmuls"] == len(fp32_mm) > 0
-    assert all(shapes[x][0] > shapes[x][1] for n in fp32_mm for x in n.input if len(shapes.get(x, ())) == 2)
+    blockwise = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    down = int8["down_projections"]
+    assert down["as"] == ("int8 blockwise" if down["chosen"] else "fp32")
+    if down["chosen"]:
+        assert int8["fp32_matmuls"] == len(fp32_mm) == 0 and len(blockwise) == meta["model"]["n_layers"]
+        assert all({a.name: a.i for a in n.attribute}["K"] > {a.name: a.i for a in n.attribute}["N"]
+                   for n in blockwise)
+    else:
+        assert int8["fp32_matmuls"] == len(fp32_mm) == meta["model"]["n_layers"] and not blockwise
+        assert all(shapes[x][0] > shapes[x][1] for n in fp32_mm for x in n.input if len(shapes.get(x, ())) == 2)
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
     assert int8["weights"] == choose_int8(int8["deviation"])
     model, vocab, _, cfg = load_student(str(tmp_path / "t"))
