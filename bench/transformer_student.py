@@ -133,7 +133,7 @@ def main() -> None:
     from slimflow.tasks.students.subword import tokenizer_json
     from slimflow.tasks.students.train import train_student
     from slimflow.tasks.students.vocab import build_vocab_from_shards
-    from slimflow.tasks.teacher.model import read_teacher_json, resolve_base
+    from slimflow.tasks.teacher.model import resolve_base
 
     from bench._common import goal, print_goals, write_results
 
@@ -176,7 +176,7 @@ def main() -> None:
     teacher_row = {"accuracy": t_metrics["accuracy"], "macro_f1": t_metrics["macro_f1"], "qps": t_speed["qps"],
                    "size_bytes": size_on_disk(weights_file) if os.path.exists(weights_file) else t_speed["size_bytes"],
                    "folder_bytes": size_on_disk(base.path), "params": t_speed["params"],
-                   "dtype": read_teacher_json(teacher_dir).get("dtype")}
+                   "dtype": t_speed.get("dtype")}
     del teacher
 
     from transformers import AutoConfig

@@ -136,7 +136,8 @@ def _teacher_speed(run_dir: str, teacher: dict, speed_texts: list[str]) -> dict:
     for m in [t.model] + ([t.head] if t.head is not None else []):
         p, b = served_weights(m)
         params, size = params + p, size + b
-    return {**served, "params": int(params), "size_bytes": int(size)}
+    # what it ran in (dtype: auto resolves per machine), beside the figure it explains
+    return {**served, "params": int(params), "size_bytes": int(size), "dtype": t.precision.get("dtype")}
 
 
 def served_weights(module) -> tuple[int, int]:
