@@ -97,6 +97,8 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
             "hard_label_weight_schedule", "kd_weight_schedule", "method", "theseus_rate", "theseus_slope", "max_len",
             "epochs", "patience", "batch_size", "lr", "warmup", "weight_decay", "dropout", "shuffle_buffer", "seed")
     params = {"kind": "transformer", "mode": mode, **{k: s[k] for k in keys}, "method": method}
+    if method != "theseus":  # settings that do not change the training do not key it
+        del params["theseus_rate"], params["theseus_slope"]
     device = resolve_device(s.get("device", "auto"))
     precision = _precision(encoder, device, s.get("cache_dir"))
     params["amp"] = precision["dtype"]
@@ -225,8 +227,7 @@ def _step_loss(model, batch, step: int, ctx: dict):
     hard = scheduled_weight(s["hard_label_weight_schedule"], s["hard_label_weight"], f)
     teacher = ctx["teacher"]
     if params["method"] == "theseus":
-        slope = s["theseus_slope"]
-        rate = min(1.0, s["theseus_rate"] + slope * step) if slope else s["theseus_rate"]
+        rate = theseus_rate(step, ctx["total_steps"], s["theseus_rate"], s["theseus_slope"])
         logits = theseus_logits(model, teacher, ctx["modules"], ids, lengths, rate)
         weights = {k: w for k, w in weights.items() if k in ("mse", "kl", "ce")}  # Theseus: no feature loss
         feats_s = feats_t = None
@@ -241,6 +242,18 @@ def _step_loss(model, batch, step: int, ctx: dict):
     temp = scheduled_temperature(s["temperature_schedule"], s["temperature"], f, logits.float(), logits_t)
     return transformer_loss(weights, logits.float(), logits_t, labels, temperature=temp, hard_label_weight=hard,
                             feats_s=feats_s, feats_t=feats_t, maps=ctx["maps"])
+
+
+# theseus_slope None: the replacement rate reaches 1 this far into training
+THESEUS_RAMP = 2 / 3
+
+
+def theseus_rate(step: int, total_steps: int, rate: float, slope: float | None) -> float:
+    """The replacement rate at ``step``: ``rate`` plus ``slope`` per step, at most 1; ``slope`` None: the one
+    that reaches 1 at THESEUS_RAMP of ``total_steps``; 0: constant."""
+    if slope is None:
+        slope = (1.0 - rate) / max(1.0, THESEUS_RAMP * total_steps)
+    return min(1.0, rate + slope * step)
 
 
 def _clone(feats):

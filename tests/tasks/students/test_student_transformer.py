@@ -287,6 +287,29 @@ def test_theseus_at_rate_one_is_the_student_alone_and_at_rate_zero_trains_no_stu
     assert not torch.equal(w0["out.weight"], _weights(tmp_path / "one")["out.weight"])
 
 
+def test_theseus_rate_reaches_one_two_thirds_in_whatever_the_run_length_unless_a_slope_is_given():
+    from slimflow.tasks.students.transformer_train import theseus_rate
+
+    for total in (63, 1300, 100_000):  # the bench's comparison, its final training, a big corpus
+        ramp = round(total * 2 / 3)
+        assert theseus_rate(0, total, 0.3, None) == pytest.approx(0.3)
+        assert theseus_rate(ramp // 2, total, 0.3, None) == pytest.approx(0.65, abs=0.02)
+        assert theseus_rate(ramp - 1, total, 0.3, None) < 1.0
+        assert theseus_rate(ramp + 1, total, 0.3, None) == theseus_rate(total, total, 0.3, None) == 1.0
+    assert theseus_rate(500, 1300, 0.3, 0.0) == 0.3  # 0: constant
+    assert theseus_rate(500, 1300, 0.3, 6e-4) == pytest.approx(0.6)  # Xu et al.'s per-step slope, given
+    assert theseus_rate(5000, 1300, 0.3, 6e-4) == 1.0
+
+
+def test_settings_of_another_method_do_not_key_a_training(data, teacher, tmp_path):
+    first = _train(data, teacher, tmp_path / "a", losses={"kl": 1.0}, epochs=1)
+    again = _train(data, teacher, tmp_path / "a", losses={"kl": 1.0}, epochs=1, theseus_rate=0.9, theseus_slope=0.0)
+    assert again["fingerprint"] == first["fingerprint"]  # the finished training is reused, not redone
+    other = _train(data, teacher, tmp_path / "b", losses={"kl": 1.0}, epochs=1, method="theseus")
+    changed = _train(data, teacher, tmp_path / "c", losses={"kl": 1.0}, epochs=1, method="theseus", theseus_rate=0.9)
+    assert other["fingerprint"] != changed["fingerprint"]
+
+
 @pytest.mark.parametrize("kw", [{"losses": {"kl": 1.0, "hidden_mse": 1.0, "attention_mse": 0.1}},
                                 {"losses": {"kl": 1.0}, "method": "theseus", "theseus_rate": 0.4}],
                          ids=["features", "theseus"])
@@ -321,7 +344,6 @@ def test_blockwise_down_projections_are_measured_and_only_kept_when_faithful(dat
     """The down-projections' blockwise int8 is a measured choice: refused when it deviates more than the fp32-down
     file (a threshold of 0 here), and when the deviation allows it, kept exactly when it ran faster."""
     import onnx
-
     from slimflow.tasks.students import export as ex
 
     _train(data, teacher, tmp_path / "t", epochs=1)
