@@ -1,7 +1,7 @@
 """The Prefect face of the stage functions: names, retries, cache keys.
 
 The work is in the stage functions; what is here is glue that maps a task's parameters onto their arguments
-(e.g. ``_train_student`` picks ``max_len`` or ``max_chars`` by token unit, ``fit_teacher_task`` picks the fit).
+(e.g. ``train_student_in_run`` picks ``max_len`` or ``max_chars`` by token unit, ``fit_teacher_task`` picks the fit).
 Glue can change outputs too, so a task's own function here, and the helpers it names, are part of its code version
 (tasks/code_version.py); another task's glue is not.
 
@@ -192,6 +192,11 @@ def vocab_task(run_dir: str, refs: list[dict], min_count: int, max_size: int, lo
     return {"path": rel, "sha256": sha256_file(path), "size": len(vocab), "unit": unit}
 
 
+def vectors_path(unit: str, dim: int) -> str:
+    """Where a run keeps a unit's static teacher vectors, relative to the run directory."""
+    return f"train/vectors-{unit}-{dim}.npy"
+
+
 @task(name="vectors", task_run_name="vectors-{vocab[unit]}", **_COMMON)
 def vectors_task(run_dir: str, vocab: dict, teacher: dict, dim: int) -> dict:
     """Static token vectors of a vocabulary distilled from the teacher's encoder (``student.init: teacher``):
@@ -212,7 +217,7 @@ def vectors_task(run_dir: str, vocab: dict, teacher: dict, dim: int) -> dict:
     vecs = static_vectors(Vocab.load(join(run_dir, vocab["path"])), enc, dim, batch_tokens=teacher["batch_tokens"])
     buf = io.BytesIO()
     np.save(buf, vecs, allow_pickle=False)
-    rel = f"train/vectors-{vocab['unit']}-{dim}.npy"
+    rel = vectors_path(vocab["unit"], dim)
     atomic_write_bytes(join(run_dir, rel), buf.getvalue())
     return {"path": rel, "sha256": sha256_bytes(buf.getvalue()), "shape": list(vecs.shape)}
 
@@ -226,8 +231,8 @@ def train_task(run_dir: str, kind: str, mode: str, train: list[dict], dev: list[
     Resumes from its last epoch checkpoint when a previous attempt was interrupted. ``transformer``: the config's
     transformer section (+ the teacher's cache_dir, trust_remote_code), for kind transformer only.
     """
-    return _train_student(run_dir, kind, mode, [ShardRef.from_dict(r) for r in train], dev, vocab, labels, student,
-                          distill, threads, vectors, transformer)
+    return train_student_in_run(run_dir, kind, mode, [ShardRef.from_dict(r) for r in train], dev, vocab, labels,
+                                student, distill, threads, vectors, transformer)
 
 
 @task(name="train-student-online", task_run_name="train-{kind}-{mode}-online", **_COMMON)
@@ -243,13 +248,17 @@ def online_train_task(run_dir: str, kind: str, inputs: list[dict], dev: list[dic
     with TeacherClient(service["url"], concurrency=service["concurrency"],
                        server_batch_size=service["server_batch_size"], retries=service["retries"]) as client, \
             OnlineLabeller(run_dir, pairs, client, weights_hash=weights_hash, labels=labels) as labeller:
-        return _train_student(run_dir, kind, "distilled", labeller.refs(), dev, vocab, labels, student, distill,
-                              threads, vectors)
+        return train_student_in_run(run_dir, kind, "distilled", labeller.refs(), dev, vocab, labels, student,
+                                    distill, threads, vectors)
 
 
-def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: list[dict], vocab: dict,
-                   labels: list[str], student: dict, distill: dict, threads: int | None,
-                   vectors: dict | None = None, transformer: dict | None = None) -> dict:
+def train_student_in_run(run_dir: str, kind: str, mode: str, train_refs: list, dev: list[dict], vocab: dict,
+                         labels: list[str], student: dict, distill: dict, threads: int | None,
+                         vectors: dict | None = None, transformer: dict | None = None,
+                         out_rel: str | None = None) -> dict:
+    """The train stage's one student, from the config's ``student`` / ``distill`` sections as dicts, into
+    ``run_dir/out_rel`` (default ``train/{kind}-{mode}``). Plain function: the tasks above wrap it, and
+    bench/label.py calls it for its extra student seeds with the stage's own vocabularies and vectors."""
     import io
 
     import numpy as np
@@ -257,7 +266,7 @@ def _train_student(run_dir: str, kind: str, mode: str, train_refs: list, dev: li
     from slimflow.tasks.students.train import train_student
     from slimflow.tasks.students.vocab import Vocab
 
-    rel = f"train/{kind}-{mode}"
+    rel = out_rel or f"train/{kind}-{mode}"
     s = student
     res = train_student(
         run_dir, kind=kind, mode=mode, train_refs=train_refs,

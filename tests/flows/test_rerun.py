@@ -149,3 +149,31 @@ def test_the_cache_lives_in_the_run_directory(chain, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     there = json.loads((moved / "report.json").read_text())["tasks"]
     assert (there["executed"], there["cached"]) == (0, first["executed"] + first["cached"]), there["by_stage"]
+
+
+@pytest.mark.slow
+def test_train_student_in_run_with_the_stage_inputs_reproduces_the_stage_student(chain, tmp_path):
+    # bench/label.py trains further student seeds this way: the same function, the train manifest's own settings,
+    # vocabulary and vectors. Same seed -> the stage's student, bit for bit; another seed -> another student.
+    from slimflow.storage.hashing import sha256_file
+    from slimflow.tasks.prefect_tasks import train_student_in_run, vectors_path
+
+    config = load_config(chain.cfg)
+    out = chain.copy(tmp_path / "run")
+    layout = RunLayout(out)
+    train, seg = read_manifest(layout.stage_dir("train")), read_manifest(layout.stage_dir("segment"))
+    kind = config.students[0]
+    unit = config.student.unit_of(kind, config.lang)
+    s = train.params["student"]
+    vectors = {"path": vectors_path(unit, s["embed_dim"])} if s["init"] == "teacher" else None
+    assert vectors is None or os.path.exists(os.path.join(out, vectors["path"]))
+
+    def again(seed: int, rel: str) -> str:
+        train_student_in_run(out, kind, "distilled", read_manifest(layout.stage_dir("label")).shards,
+                             [r.to_dict() for r in seg.split("dev")], train.extra["vocab"][unit], train.extra["labels"],
+                             {**s, "seed": seed}, train.params["distill"], threads=1, vectors=vectors, out_rel=rel)
+        return sha256_file(os.path.join(out, rel, "best.pt"))
+
+    stage_student = next(t for t in train.extra["students"] if (t["kind"], t["mode"]) == (kind, "distilled"))
+    assert again(s["seed"], "bench-seeds/same") == stage_student["best"]["sha256"]
+    assert again(s["seed"] + 1, "bench-seeds/other") != stage_student["best"]["sha256"]
