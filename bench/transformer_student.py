@@ -3,7 +3,7 @@
     python bench/transformer_student.py [--epochs 3] [--max-len 64] [--threads N] [--work DIR]
     python bench/transformer_student.py --smoke     # a tiny random BERT on random texts: checks the script runs
 
-On the quick demo's data (2,000 labelled reviews, 6,000 unlabelled, n_iter 3) with the default teacher
+On the quick demo's data (2,000 labelled reviews, 10,000 unlabelled, n_iter 1) with the default teacher
 (multilingual-e5-small + logistic-regression head), the pipeline runs up to the label stage; then, from the same
 init (teacher layers 2, 5, 8, 11, its fitted head as the classifier), one transformer student per recipe:
 
