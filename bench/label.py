@@ -182,9 +182,9 @@ def demo_students(work: str, dtypes: dict[str, str], seeds: tuple[int, ...], wor
         t0 = time.perf_counter()
         label_s = run_stages(cfg, run, ["label"]).get("timing_s", {}).get("label")
         run_stages(cfg, run, ["train"])
-        jobs = [{"run": run, "kind": kind, "unit": cfg.student.unit_of(kind, cfg.lang), "seed": seed,
+        jobs = [{"run": run, "kind": kind, "seed": seed, "inputs": inputs,
                  "out_rel": f"train/{kind}-distilled" if seed == seeds[0] else f"bench-seeds/seed{seed}/{kind}"}
-                for kind in cfg.students for seed in seeds]
+                for kind, inputs in _seed_inputs(run, cfg).items() for seed in seeds]
         jobs.sort(key=lambda j: j["kind"] != "bilstm")  # the long ones first: the workers finish together
         per_seed: dict[str, dict[int, float]] = {}
         for j, acc in zip(jobs, pool.map(_seed_student, jobs), strict=True):
@@ -199,26 +199,39 @@ def demo_students(work: str, dtypes: dict[str, str], seeds: tuple[int, ...], wor
     return out
 
 
-def _seed_student(job: dict) -> float:
-    """Test accuracy of the run's distilled ``kind`` at ``seed``: the train stage's own student for its seed (done:
-    read back), else trained here from the stage's manifest (its vocabulary, vectors, labels, settings)."""
-    from slimflow.storage.fs import join
+def _seed_inputs(run: str, cfg) -> dict[str, dict]:
+    """Per student kind, what the train stage gave its distilled student (read once from the stage manifests):
+    label shards, dev and test shards, vocabulary, teacher vectors, labels and settings."""
     from slimflow.storage.layout import RunLayout
     from slimflow.storage.manifest import read_manifest
-    from slimflow.tasks.prefect_tasks import train_student_in_run, vectors_path
+    from slimflow.tasks.prefect_tasks import vectors_path
+
+    layout = RunLayout(run)
+    train, seg, lab = (read_manifest(layout.stage_dir(s)) for s in ("train", "segment", "label"))
+    s = train.params["student"]
+    out = {}
+    for kind in cfg.students:
+        unit = cfg.student.unit_of(kind, cfg.lang)
+        out[kind] = {"train": lab.shards, "dev": [r.to_dict() for r in seg.split("dev")], "test": seg.split("test"),
+                     "vocab": train.extra["vocab"][unit], "labels": train.extra["labels"], "student": s,
+                     "distill": train.params["distill"],
+                     "vectors": {"path": vectors_path(unit, s["embed_dim"])} if s["init"] == "teacher" else None}
+    return out
+
+
+def _seed_student(job: dict) -> float:
+    """Test accuracy of the run's distilled ``kind`` at ``seed``: the train stage's own student for its seed (done:
+    read back), else trained here from the stage's inputs (``_seed_inputs``)."""
+    from slimflow.storage.fs import join
+    from slimflow.tasks.prefect_tasks import train_student_in_run
     from slimflow.tasks.students.train import evaluate_student
 
-    run, kind, unit = job["run"], job["kind"], job["unit"]
-    layout = RunLayout(run)
-    train, seg = read_manifest(layout.stage_dir("train")), read_manifest(layout.stage_dir("segment"))
-    s = {**train.params["student"], "seed": job["seed"]}
+    run, kind, x = job["run"], job["kind"], job["inputs"]
     if job["out_rel"] != f"train/{kind}-distilled":
-        vectors = {"path": vectors_path(unit, s["embed_dim"])} if s["init"] == "teacher" else None
-        train_student_in_run(run, kind, "distilled", read_manifest(layout.stage_dir("label")).shards,
-                             [r.to_dict() for r in seg.split("dev")], train.extra["vocab"][unit],
-                             train.extra["labels"], s, train.params["distill"], threads=1, vectors=vectors,
+        train_student_in_run(run, kind, "distilled", x["train"], x["dev"], x["vocab"], x["labels"],
+                             {**x["student"], "seed": job["seed"]}, x["distill"], threads=1, vectors=x["vectors"],
                              out_rel=job["out_rel"])
-    return evaluate_student(run, seg.split("test"), join(run, job["out_rel"]))["accuracy"]
+    return evaluate_student(run, x["test"], join(run, job["out_rel"]))["accuracy"]
 
 
 def main() -> None:
