@@ -24,12 +24,14 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from slimflow.storage.atomic_dir import FolderMismatch, build_dir, check_blob, file_hashes
 from slimflow.storage.fs import atomic_write_text, exists, join, read_bytes
+from slimflow.storage.hashing import sha256_file
 from slimflow.storage.schema import UNK_ID
 from slimflow.tasks.students.vocab import Vocab, tokenizer_path
 
 FORMATS = ("onnx", "torchscript", "onnx_int8")
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "onnx_int8": "model.int8.onnx"}
 ONNX_BACKENDS = ("onnx", "onnx_int8")
+INT8_RECORD = "int8-choices.json"  # in a training's folder: its checkpoint's measured int8 choices (export_student)
 
 
 def default_formats(kind: str) -> tuple[str, ...]:
@@ -92,7 +94,7 @@ INT8_CLEARLY_BETTER = 0.75
 
 
 def quantize_onnx(fp32_path: str, path: str, n_vocab: int, max_len: int,
-                  op_types: tuple[str, ...] = INT8_OPS_DEFAULT) -> dict:
+                  op_types: tuple[str, ...] = INT8_OPS_DEFAULT, prior: dict | None = None) -> dict:
     """int8 weights, activations quantised per call (onnxruntime's dynamic quantisation: ERNIE 3.0's PTQ step for
     its served tiny models). MatMul and Gather: the layers' weights and the embedding table both shrink 4x, one
     scale per output column (per_channel: agreement 0.898 -> 0.935 against one scale per tensor, same size).
@@ -103,7 +105,9 @@ def quantize_onnx(fp32_path: str, path: str, n_vocab: int, max_len: int,
     on the same random batch of token ids as the fp32 model, and :func:`choose_int8` picks by the mean absolute
     difference of the class probabilities. The chosen file and fp32 are then timed on that batch (best of a few
     runs each): ``speedup`` is int8's texts/s over fp32's here. Returns what student.json records: the choice, the
-    deviations and the speedup."""
+    deviations and the speedup. ``prior``: that record from an earlier export of the same model: its choices are
+    applied as they were, unmeasured, so every export of one checkpoint is the same file (timings near a
+    threshold could otherwise choose differently each time)."""
     import logging
     import tempfile
 
@@ -112,6 +116,12 @@ def quantize_onnx(fp32_path: str, path: str, n_vocab: int, max_len: int,
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing": optional
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     kept = down_projections(fp32_path) if "MatMul" in op_types else []
+    if prior is not None and prior.get("ops") == list(op_types):
+        quantize_dynamic(fp32_path, path, weight_type=types[prior["weights"]], op_types_to_quantize=list(op_types),
+                         per_channel=True, nodes_to_exclude=kept)
+        if prior.get("down_projections", {}).get("chosen"):
+            _blockwise(path, kept).save_model_to_file(path, False)
+        return prior
     inputs = _probe_inputs(n_vocab, max_len)
     reference = _probabilities(fp32_path, inputs)
     deviation = {}
@@ -151,15 +161,8 @@ def blockwise_down_projections(path: str, nodes: list[str], candidate: str, inpu
     (AVX512-VNNI EPYC, 1,000 test reviews): 1.14-1.22x the texts/s of fp32 down-projections at the same int8/fp32
     agreement (99.1% against 99.0%), and 19 -> 12 MB. Returns what student.json records (with the reason where
     this onnxruntime has no such kernel)."""
-    import onnx
-
     try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(onnx.load(path), bits=8, block_size=DOWN_BLOCK, is_symmetric=True,
-                                 accuracy_level=4, nodes_to_include=list(nodes))
-        q.process()
-        q.model.save_model_to_file(candidate, False)
+        _blockwise(path, nodes).save_model_to_file(candidate, False)
         dev = float(abs(_probabilities(candidate, inputs) - reference).mean())
         speedup = _seconds(path, inputs) / _seconds(candidate, inputs)
     except Exception as e:  # noqa: BLE001 -- an onnxruntime without 8-bit MatMulNBits: fp32 stays, and says why
@@ -169,6 +172,17 @@ def blockwise_down_projections(path: str, nodes: list[str], candidate: str, inpu
         os.replace(candidate, path)
     return {"chosen": chosen, "as": "int8 blockwise" if chosen else "fp32", "block": DOWN_BLOCK,
             "speedup_over_fp32_down": round(speedup, 3), "deviation": round(dev, 6)}
+
+
+def _blockwise(path: str, nodes: list[str]):
+    """The model at ``path`` with MatMuls ``nodes`` as 8-bit blockwise MatMulNBits (an onnxruntime ONNXModel)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(path), bits=8, block_size=DOWN_BLOCK, is_symmetric=True, accuracy_level=4,
+                             nodes_to_include=list(nodes))
+    q.process()
+    return q.model
 
 
 def down_projections(onnx_path: str) -> list[str]:
@@ -241,11 +255,20 @@ def export_student(train_dir: str, export_dir: str, *, lang: str,
     from slimflow.tasks.students.train import load_student
 
     model, vocab, labels, cfg = load_student(train_dir)
-    return export_model(model, vocab, labels, cfg, export_dir, lang=lang, formats=formats)
+    # The measured int8 choices are kept beside the checkpoint: the export stage and the evaluate stage (which
+    # exports again to measure) then serve the same file.
+    record = os.path.join(train_dir, INT8_RECORD)
+    ckpt = sha256_file(os.path.join(train_dir, "best.pt"))
+    prior = json.loads(read_bytes(record)) if exists(record) else {}
+    meta = export_model(model, vocab, labels, cfg, export_dir, lang=lang, formats=formats,
+                        int8_prior=prior.get("int8") if prior.get("best_sha256") == ckpt else None)
+    if "int8" in meta and meta["int8"] != prior.get("int8"):
+        atomic_write_text(record, json.dumps({"best_sha256": ckpt, "int8": meta["int8"]}, indent=1))
+    return meta
 
 
 def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, export_dir: str, *, lang: str,
-                 formats: Iterable[str] | None = None) -> dict:
+                 formats: Iterable[str] | None = None, int8_prior: dict | None = None) -> dict:
     """Export a student module (``model_config`` as in best.pt) with its vocab, labels and segmentation
     settings. The folder is built beside ``export_dir`` and swapped in whole (storage/atomic_dir.py): student.json,
     written last, records every file's sha256, and a kill midway leaves the previous export as it was."""
@@ -267,7 +290,7 @@ def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, exp
                     fp32 = os.path.join(tmp, "fp32.onnx.tmp")
                     export_onnx(served, fp32)
                 int8 = quantize_onnx(fp32, os.path.join(tmp, FILES[f]), len(vocab), model_config["max_len"],
-                                     INT8_OPS.get(model_config["kind"], INT8_OPS_DEFAULT))
+                                     INT8_OPS.get(model_config["kind"], INT8_OPS_DEFAULT), prior=int8_prior)
                 if "onnx" not in formats:
                     os.remove(fp32)
             else:

@@ -365,6 +365,30 @@ def test_blockwise_down_projections_are_measured_and_only_kept_when_faithful(dat
     assert np.abs(ex._probabilities(int8_path, inputs) - reference).max() < 0.05
 
 
+def test_every_export_of_one_checkpoint_ships_the_int8_choices_measured_first(data, teacher, tmp_path, monkeypatch):
+    """The evaluate stage exports again to measure: timings that would now choose otherwise must not give it
+    another file than the export stage's. A new checkpoint is measured afresh."""
+    import json
+
+    from slimflow.tasks.students import export as ex
+
+    _train(data, teacher, tmp_path / "t", epochs=1)
+    monkeypatch.setattr(ex, "DOWN_MAX_DEVIATION", 0.0)  # refused: fp32 down-projections
+    first = ex.export_student(str(tmp_path / "t"), str(tmp_path / "e1"), lang="en")
+    assert first["int8"]["down_projections"]["chosen"] is False
+    # now blockwise would be kept: faithful enough and timed faster
+    monkeypatch.setattr(ex, "DOWN_MAX_DEVIATION", float("inf"))
+    monkeypatch.setattr(ex, "_seconds", lambda path, inputs: 0.5 if "blockwise" in path else 1.0)
+    again = ex.export_student(str(tmp_path / "t"), str(tmp_path / "e2"), lang="en")
+    assert again["int8"] == first["int8"]
+    assert (tmp_path / "e2" / "model.int8.onnx").read_bytes() == (tmp_path / "e1" / "model.int8.onnx").read_bytes()
+    record = tmp_path / "t" / ex.INT8_RECORD
+    record.write_text(json.dumps({**json.loads(record.read_text()), "best_sha256": "another checkpoint"}))
+    fresh = ex.export_student(str(tmp_path / "t"), str(tmp_path / "e3"), lang="en")
+    assert fresh["int8"]["down_projections"]["chosen"] is True
+    assert json.loads(record.read_text())["int8"] == fresh["int8"]
+
+
 def test_onnx_export_agrees_with_pytorch_and_the_predictor_serves_it_int8(data, teacher, tmp_path):
     import os
 
