@@ -172,7 +172,8 @@ class StudentConfig(_Section):
     patience: int = Field(2, ge=1, description="epochs without dev improvement before stopping")
     batch_size: int = 64
     optimizer: Literal["adadelta", "adam"] = "adam"
-    lr: float | None = Field(None, description="None: 1.0 for AdaDelta (the seeds), 1e-3 for Adam")
+    lr: float | None = Field(None, description="None: 1.0 for AdaDelta (the seeds); Adam 3e-3 for a BOW, 1e-3 "
+                                               "for the others")
     shuffle_buffer: int = Field(10000, gt=0, description="rows held for shuffling while streaming shards")
     seed: int = 0
 

@@ -92,6 +92,15 @@ def test_completed_training_is_returned_not_rerun_and_new_params_restart(data, t
     assert seen == [0] and _weights(tmp_path / "o")["fc.weight"].shape == (4, 8)
 
 
+@pytest.mark.parametrize("kind,lr,expect", [("bow", None, 3e-3), ("bilstm", None, 1e-3), ("bow", 5e-4, 5e-4)])
+def test_adam_default_learning_rate_is_the_kinds_and_a_given_one_wins(data, tmp_path, kind, lr, expect):
+    r = _train(data, tmp_path / kind, kind=kind, epochs=1, optimizer="adam", lr=lr)
+    state = torch.load(tmp_path / kind / "last.pt", weights_only=True)["optimizer"]
+    # Both parts (dense Adam, sparse embedding Adam) step at the recorded rate.
+    assert r["params"]["lr"] == expect
+    assert [g["lr"] for part in state for g in part["param_groups"]] == [expect, expect]
+
+
 def test_early_stopping_after_patience_epochs_without_improvement(data, tmp_path):
     # lr 0: the weights never change, so dev accuracy never improves after epoch 0.
     r = _train(data, tmp_path / "es", epochs=10, patience=2, lr=0.0, optimizer="adadelta")
