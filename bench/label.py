@@ -200,23 +200,10 @@ def demo_students(work: str, dtypes: dict[str, str], seeds: tuple[int, ...], wor
 
 
 def _seed_inputs(run: str, cfg) -> dict[str, dict]:
-    """Per student kind, what the train stage gave its distilled student (read once from the stage manifests):
-    label shards, dev and test shards, vocabulary, teacher vectors, labels and settings."""
-    from slimflow.storage.layout import RunLayout
-    from slimflow.storage.manifest import read_manifest
-    from slimflow.tasks.prefect_tasks import vectors_path
+    """Per student kind, what the train stage gave its distilled student (tasks/prefect_tasks.train_stage_inputs)."""
+    from slimflow.tasks.prefect_tasks import train_stage_inputs
 
-    layout = RunLayout(run)
-    train, seg, lab = (read_manifest(layout.stage_dir(s)) for s in ("train", "segment", "label"))
-    s = train.params["student"]
-    out = {}
-    for kind in cfg.students:
-        unit = cfg.student.unit_of(kind, cfg.lang)
-        out[kind] = {"train": lab.shards, "dev": [r.to_dict() for r in seg.split("dev")], "test": seg.split("test"),
-                     "vocab": train.extra["vocab"][unit], "labels": train.extra["labels"], "student": s,
-                     "distill": train.params["distill"],
-                     "vectors": {"path": vectors_path(unit, s["embed_dim"])} if s["init"] == "teacher" else None}
-    return out
+    return {kind: train_stage_inputs(run, cfg.student.unit_of(kind, cfg.lang)) for kind in cfg.students}
 
 
 def _seed_student(job: dict) -> float:

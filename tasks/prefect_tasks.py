@@ -288,6 +288,23 @@ def train_student_in_run(run_dir: str, kind: str, mode: str, train_refs: list, d
             "best": {"path": f"{rel}/best.pt", "sha256": sha256_file(best)}}
 
 
+def train_stage_inputs(run_dir: str, unit: str) -> dict:
+    """What a run's train stage gave its distilled students reading ``unit`` tokens, read back from the stage
+    manifests: ``train`` (label shards), ``dev`` (as dicts) and ``test`` shards, ``vocab``, ``labels``, the
+    ``student`` and ``distill`` settings and the teacher ``vectors``; :func:`train_student_in_run` takes them
+    (bench/label.py trains further student seeds so)."""
+    from slimflow.storage.layout import RunLayout
+    from slimflow.storage.manifest import read_manifest
+
+    layout = RunLayout(run_dir)
+    train, seg, lab = (read_manifest(layout.stage_dir(s)) for s in ("train", "segment", "label"))
+    s = train.params["student"]
+    return {"train": lab.shards, "dev": [r.to_dict() for r in seg.split("dev")], "test": seg.split("test"),
+            "vocab": train.extra["vocab"][unit], "labels": train.extra["labels"], "student": s,
+            "distill": train.params["distill"],
+            "vectors": {"path": vectors_path(unit, s["embed_dim"])} if s["init"] == "teacher" else None}
+
+
 @task(name="export-student", task_run_name="export-{kind}", **_COMMON)
 def export_task(run_dir: str, kind: str, trained: dict, lang: str) -> dict:
     """A distilled student as ONNX + TorchScript with its vocab, labels and segmentation settings."""

@@ -116,9 +116,13 @@ def quantize_onnx(fp32_path: str, path: str, n_vocab: int, max_len: int,
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing": optional
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     kept = down_projections(fp32_path) if "MatMul" in op_types else []
-    if prior is not None and prior.get("ops") == list(op_types):
-        quantize_dynamic(fp32_path, path, weight_type=types[prior["weights"]], op_types_to_quantize=list(op_types),
+
+    def quantize(weights: str, out: str) -> None:
+        quantize_dynamic(fp32_path, out, weight_type=types[weights], op_types_to_quantize=list(op_types),
                          per_channel=True, nodes_to_exclude=kept)
+
+    if prior is not None and prior.get("ops") == list(op_types):
+        quantize(prior["weights"], path)
         if prior.get("down_projections", {}).get("chosen"):
             _blockwise(path, kept).save_model_to_file(path, False)
         return prior
@@ -128,8 +132,7 @@ def quantize_onnx(fp32_path: str, path: str, n_vocab: int, max_len: int,
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         for name in INT8_WEIGHTS:
             candidate = os.path.join(tmp, f"{name}.onnx")
-            quantize_dynamic(fp32_path, candidate, weight_type=types[name], op_types_to_quantize=list(op_types),
-                             per_channel=True, nodes_to_exclude=kept)
+            quantize(name, candidate)
             deviation[name] = float(abs(_probabilities(candidate, inputs) - reference).mean())
         chosen = choose_int8(deviation)
         os.replace(os.path.join(tmp, f"{chosen}.onnx"), path)

@@ -156,22 +156,19 @@ def test_train_student_in_run_with_the_stage_inputs_reproduces_the_stage_student
     # bench/label.py trains further student seeds this way: the same function, the train manifest's own settings,
     # vocabulary and vectors. Same seed -> the stage's student, bit for bit; another seed -> another student.
     from slimflow.storage.hashing import sha256_file
-    from slimflow.tasks.prefect_tasks import train_student_in_run, vectors_path
+    from slimflow.tasks.prefect_tasks import train_stage_inputs, train_student_in_run
 
     config = load_config(chain.cfg)
     out = chain.copy(tmp_path / "run")
-    layout = RunLayout(out)
-    train, seg = read_manifest(layout.stage_dir("train")), read_manifest(layout.stage_dir("segment"))
+    train = read_manifest(RunLayout(out).stage_dir("train"))
     kind = config.students[0]
-    unit = config.student.unit_of(kind, config.lang)
-    s = train.params["student"]
-    vectors = {"path": vectors_path(unit, s["embed_dim"])} if s["init"] == "teacher" else None
-    assert vectors is None or os.path.exists(os.path.join(out, vectors["path"]))
+    x = train_stage_inputs(out, config.student.unit_of(kind, config.lang))
+    s = x["student"]
+    assert x["vectors"] is None or os.path.exists(os.path.join(out, x["vectors"]["path"]))
 
     def again(seed: int, rel: str) -> str:
-        train_student_in_run(out, kind, "distilled", read_manifest(layout.stage_dir("label")).shards,
-                             [r.to_dict() for r in seg.split("dev")], train.extra["vocab"][unit], train.extra["labels"],
-                             {**s, "seed": seed}, train.params["distill"], threads=1, vectors=vectors, out_rel=rel)
+        train_student_in_run(out, kind, "distilled", x["train"], x["dev"], x["vocab"], x["labels"],
+                             {**s, "seed": seed}, x["distill"], threads=1, vectors=x["vectors"], out_rel=rel)
         return sha256_file(os.path.join(out, rel, "best.pt"))
 
     stage_student = next(t for t in train.extra["students"] if (t["kind"], t["mode"]) == (kind, "distilled"))
