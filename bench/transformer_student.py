@@ -174,24 +174,27 @@ def main() -> None:
     from slimflow.tasks.teacher.model import load_teacher
 
     t = config.teacher
-    teacher = load_teacher(teacher_dir, device="cpu", dtype=t.dtype, threads=t.threads, cache_dir=t.cache_dir)
     import numpy as np
 
-    t_pred = [teacher.labels[k] for k in label_texts(teacher, texts, batch_tokens=t.batch_tokens).argmax(-1)]
     lab_id = {x: i for i, x in enumerate(labels)}
-    t_metrics = classification_metrics([lab_id[g] for g in gold], [lab_id[p] for p in t_pred], len(labels))
+
+    def test_metrics(**kw):
+        """(the teacher loaded with ``kw``, its accuracy / macro-F1 / MCC on the test texts)."""
+        tt = load_teacher(teacher_dir, device="cpu", dtype=t.dtype, threads=t.threads, cache_dir=t.cache_dir, **kw)
+        pred = label_texts(tt, texts, batch_tokens=t.batch_tokens).argmax(-1)
+        return tt, classification_metrics([lab_id[g] for g in gold], [lab_id[tt.labels[k]] for k in pred],
+                                          len(labels))
+
+    teacher, t_metrics = test_metrics()
     t_speed = teacher_speed(run, {"device": "cpu", "dtype": t.dtype, "threads": t.threads, "cache_dir": t.cache_dir,
                                   "batch_tokens": t.batch_tokens, "trust_remote_code": t.trust_remote_code},
                             speed_texts)
     # What the student's shorter budget alone costs: the same teacher reading the pieces the student reads (its
     # first max_len of the text, head truncation like the student's; specials and e5's prefix on top).
     extra = teacher.token_counts([""])[0]  # the specials and the prefix of an empty text
-    cut = load_teacher(teacher_dir, device="cpu", dtype=t.dtype, threads=t.threads, cache_dir=t.cache_dir,
-                       max_length=args.max_len + extra, truncation="head", reuse=False)
-    cut_pred = [cut.labels[k] for k in label_texts(cut, texts, batch_tokens=t.batch_tokens).argmax(-1)]
-    at_student_len = {"max_length": cut.max_length, "truncation": "head",
-                      "texts_cut": cut.count_truncated(texts), **classification_metrics(
-                          [lab_id[g] for g in gold], [lab_id[p] for p in cut_pred], len(labels))}
+    cut, cut_metrics = test_metrics(max_length=args.max_len + extra, truncation="head", reuse=False)
+    at_student_len = {"max_length": cut.max_length, "truncation": "head", "texts_cut": cut.count_truncated(texts),
+                      **cut_metrics}
     del cut
     weights_file = os.path.join(base.path, "model.safetensors")
     teacher_row = {"accuracy": t_metrics["accuracy"], "macro_f1": t_metrics["macro_f1"], "qps": t_speed["qps"],
