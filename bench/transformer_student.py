@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--compare-shards", type=int, default=1,
                     help="label shards each recipe trains on in the comparison (the first is the original rows)")
     ap.add_argument("--max-len", type=int, default=64, help="subword pieces per text (config default 128)")
+    ap.add_argument("--width", type=float, default=1.0,
+                    help="share of each layer's heads and FFN neurons kept (transformer.width; 1: none pruned)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
     ap.add_argument("--train-shards", type=int, default=None,
                     help="the winner trains on the first N label shards only (a partial run; recorded)")
@@ -207,7 +209,7 @@ def main() -> None:
 
     n_layers = AutoConfig.from_pretrained(base.path).num_hidden_layers
     layers = [1] if args.smoke else [2, 5, 8, 11]
-    common = TransformerConfig(layers=layers, max_len=args.max_len, patience=1,
+    common = TransformerConfig(layers=layers, max_len=args.max_len, width=args.width, patience=1,
                                threads=args.threads).model_dump(mode="json")
     common.update(cache_dir=t.cache_dir, trust_remote_code=t.trust_remote_code)
     compare_refs = lab.shards[: args.compare_shards]
@@ -297,7 +299,8 @@ def main() -> None:
     path = write_results(
         name, goals, teacher=teacher_row, students=rows, final=final, winner=winner,
         settings={"compare_epochs": args.compare_epochs, "compare_rows": sum(r.rows for r in compare_refs),
-                  "epochs": args.epochs, "max_len": args.max_len, "layers": layers, "teacher_layers": n_layers,
+                  "epochs": args.epochs, "max_len": args.max_len, "width": args.width, "layers": layers,
+                  "teacher_layers": n_layers,
                   "config_defaults": {"epochs": 3, "max_len": 128}, "recipes": {k: RECIPES[k] for k in rows},
                   "train_rows": sum(r.rows for r in train_refs), "label_rows": sum(r.rows for r in lab.shards),
                   "train_shards": [r.path for r in train_refs], "test_texts": len(texts),

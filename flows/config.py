@@ -244,6 +244,10 @@ class TransformerConfig(_Section):
     theseus_slope: float | None = Field(
         None, ge=0, description="theseus: added to the rate per step; 0: constant; None: reaches 1 two thirds into "
         "training")
+    # DynaBERT's width multiplier, ERNIE 3.0's pruning step (tasks/students/prune.py): each layer keeps this share
+    # of its attention heads and FFN neurons, the most important on the first training batches, then trains.
+    width: float = Field(1.0, gt=0, le=1, description="share of each layer's heads and FFN neurons kept (ERNIE 3.0 "
+                         "prunes to 2/3 or 3/4); 1: none pruned")
     max_len: int = Field(128, gt=0, description="subword pieces per text (plus [CLS], [SEP])")
     epochs: int = Field(3, ge=1)
     patience: int = Field(1, ge=1, description="epochs without dev improvement before stopping")

@@ -45,13 +45,17 @@ class Features:
 class Layer(nn.Module):
     """One post-LN BERT encoder layer; also returns its pre-softmax attention scores [B, heads, T, T]."""
 
-    def __init__(self, hidden: int, heads: int, ffn: int, eps: float, act: str, dropout: float):
+    def __init__(self, hidden: int, heads: int, ffn: int, eps: float, act: str, dropout: float,
+                 head_dim: int | None = None):
         super().__init__()
-        if hidden % heads:
-            raise ValueError(f"hidden size {hidden} is not a multiple of the {heads} attention heads")
-        self.heads, self.act = heads, act
-        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
-        self.attn_out = nn.Linear(hidden, hidden)
+        if head_dim is None:  # the teacher's layout: the heads split the hidden size
+            if hidden % heads:
+                raise ValueError(f"hidden size {hidden} is not a multiple of the {heads} attention heads")
+            head_dim = hidden // heads
+        self.heads, self.head_dim, self.act = heads, head_dim, act
+        inner = heads * head_dim  # < hidden once heads are pruned (transformer.width)
+        self.query, self.key, self.value = (nn.Linear(hidden, inner) for _ in range(3))
+        self.attn_out = nn.Linear(inner, hidden)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
         self.ffn_in = nn.Linear(hidden, ffn)
         self.ffn_out = nn.Linear(ffn, hidden)
@@ -59,16 +63,16 @@ class Layer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-        b, t, h = x.shape
-        d = h // self.heads
+        b, t, _ = x.shape
+        d = self.head_dim
 
-        def split(y: Tensor) -> Tensor:  # [B, T, H] -> [B, heads, T, d]
+        def split(y: Tensor) -> Tensor:  # [B, T, heads * d] -> [B, heads, T, d]
             return y.view(b, t, self.heads, d).transpose(1, 2)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         scores = q @ k.transpose(-1, -2) / math.sqrt(d)
         probs = self.drop(torch.softmax(scores + bias, dim=-1))
-        ctx = (probs @ v).transpose(1, 2).reshape(b, t, h)
+        ctx = (probs @ v).transpose(1, 2).reshape(b, t, self.heads * d)
         x = self.attn_norm(x + self.drop(self.attn_out(ctx)))
         x = self.ffn_norm(x + self.drop(self.ffn_out(_ACTS[self.act](self.ffn_in(x)))))
         return x, scores
@@ -81,7 +85,8 @@ class TransformerStudent(nn.Module):
     """
 
     def __init__(self, vocab_size: int, num_classes: int, *, hidden: int, heads: int, ffn: int, n_layers: int,
-                 max_positions: int, eps: float = 1e-12, act: str = "gelu", dropout: float = 0.1):
+                 max_positions: int, eps: float = 1e-12, act: str = "gelu", dropout: float = 0.1,
+                 head_dim: int | None = None):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"unsupported activation {act!r}; the transformer student knows {', '.join(_ACTS)}")
@@ -91,7 +96,7 @@ class TransformerStudent(nn.Module):
         self.token_type = nn.Parameter(torch.zeros(hidden))
         self.embed_norm = nn.LayerNorm(hidden, eps=eps)
         self.drop = nn.Dropout(dropout)
-        self.layers = nn.ModuleList([Layer(hidden, heads, ffn, eps, act, dropout) for _ in range(n_layers)])
+        self.layers = nn.ModuleList([Layer(hidden, heads, ffn, eps, act, dropout, head_dim) for _ in range(n_layers)])
         self.out = nn.Linear(hidden, num_classes)
 
     def inputs(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,7 +224,7 @@ def student_config(encoder: nn.Module, vocab_size: int, num_classes: int, layers
 def build_from_config(cfg: dict) -> TransformerStudent:
     return TransformerStudent(cfg["vocab_size"], cfg["num_classes"], hidden=cfg["hidden"], heads=cfg["heads"],
                               ffn=cfg["ffn"], n_layers=cfg["n_layers"], max_positions=cfg["max_positions"],
-                              eps=cfg["eps"], act=cfg["act"], dropout=cfg["dropout"])
+                              eps=cfg["eps"], act=cfg["act"], dropout=cfg["dropout"], head_dim=cfg.get("head_dim"))
 
 
 @torch.no_grad()

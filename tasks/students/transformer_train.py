@@ -97,6 +97,8 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
             "hard_label_weight_schedule", "kd_weight_schedule", "method", "theseus_rate", "theseus_slope", "max_len",
             "epochs", "patience", "batch_size", "lr", "warmup", "weight_decay", "dropout", "shuffle_buffer", "seed")
     params = {"kind": "transformer", "mode": mode, **{k: s[k] for k in keys}, "method": method}
+    if s.get("width", 1.0) < 1:  # a full-width student keys as it did before width existed
+        params["width"] = s["width"]
     if method != "theseus":  # settings that do not change the training do not key it
         del params["theseus_rate"], params["theseus_slope"]
     device = resolve_device(s.get("device", "auto"))
@@ -114,6 +116,8 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
         torch.manual_seed(s["seed"])
         model, model_config = from_teacher(encoder, tok, vocab.itos, len(labels), layers=s["layers"],
                                            max_len=s["max_len"], dropout=s["dropout"], head=head)
+    if "width" in params:
+        model, model_config = _prune(model, model_config, run_dir, train_refs, vocab, labels, mode, s)
     model_config["lowercase"] = vocab.lowercase
     n_teacher = len(bert_body(encoder).encoder.layer)
     feature_losses = [k for k, w in s["losses"].items() if w > 0 and k in ("hidden_mse", "attention_mse", "pkd")]
@@ -150,6 +154,7 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, step = list(state["history"]), int(state["epoch"]), int(state["step"])
     ctx = {"params": params, "settings": s, "teacher": teacher, "maps": layer_maps(model_config["layers"]),
+           "kept_heads": model_config.get("kept_heads"), "layers": model_config["layers"],
            "modules": theseus_modules(model_config["layers"], n_teacher), "device": device, "amp": params["amp"],
            # fp16 only: bf16 and fp32 keep fp32's exponent range, their gradients need no scaling
            "scaler": torch.amp.GradScaler(device.split(":")[0], enabled=params["amp"] == "fp16"),
@@ -178,6 +183,29 @@ def train_transformer(run_dir: str, *, mode: str, train_refs: list[ShardRef], de
               "files": _result_files(out_dir)}
     atomic_write_text(result_path, json.dumps(result, indent=1, ensure_ascii=False))
     return result
+
+
+def _prune(model, model_config: dict, run_dir: str, train_refs: list[ShardRef], vocab: Vocab, labels: list[str],
+           mode: str, s: dict):
+    """The student cut to ``s["width"]`` (tasks/students/prune.py), importance measured on the first training
+    batches of the run's seed with the loss it will train on: the teacher's soft labels, gold ones in baseline."""
+    import itertools
+
+    import torch
+    from slimflow.tasks.students.losses import hard_ce, kl
+    from slimflow.tasks.students.prune import IMPORTANCE_BATCHES, importance, prune
+
+    stream = ShardStream(run_dir, train_refs, mode=mode, vocab=vocab, labels=labels, batch_size=s["batch_size"],
+                         max_len=s["max_len"], shuffle=True, shuffle_buffer=s["shuffle_buffer"], seed=s["seed"])
+
+    def loss(m, b):
+        logits = m(torch.from_numpy(b.ids), torch.from_numpy(b.lengths))
+        if mode == "baseline":
+            return hard_ce(logits, torch.from_numpy(b.labels))
+        return kl(logits, torch.from_numpy(b.logits_t))
+
+    heads, neurons = importance(model, itertools.islice(stream.epoch(0), IMPORTANCE_BATCHES), loss)
+    return prune(model, model_config, heads, neurons, s["width"])
 
 
 def _cpu_state(model) -> dict:
@@ -239,6 +267,10 @@ def _step_loss(model, batch, step: int, ctx: dict):
             with torch.inference_mode():
                 feats_t = teacher.features(ids, lengths)
             feats_t = _clone(feats_t)
+            if ctx["kept_heads"] is not None:
+                from slimflow.tasks.students.prune import kept_teacher_scores
+
+                feats_t.scores = kept_teacher_scores(feats_t.scores, ctx["kept_heads"], ctx["layers"])
     temp = scheduled_temperature(s["temperature_schedule"], s["temperature"], f, logits.float(), logits_t)
     return transformer_loss(weights, logits.float(), logits_t, labels, temperature=temp, hard_label_weight=hard,
                             feats_s=feats_s, feats_t=feats_t, maps=ctx["maps"])

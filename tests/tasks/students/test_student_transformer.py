@@ -311,8 +311,9 @@ def test_settings_of_another_method_do_not_key_a_training(data, teacher, tmp_pat
 
 
 @pytest.mark.parametrize("kw", [{"losses": {"kl": 1.0, "hidden_mse": 1.0, "attention_mse": 0.1}},
-                                {"losses": {"kl": 1.0}, "method": "theseus", "theseus_rate": 0.4}],
-                         ids=["features", "theseus"])
+                                {"losses": {"kl": 1.0}, "method": "theseus", "theseus_rate": 0.4},
+                                {"losses": {"kl": 1.0, "attention_mse": 0.1}, "width": 0.5}],
+                         ids=["features", "theseus", "pruned"])
 def test_resume_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(data, teacher, tmp_path, kw):
     kw = {**kw, "epochs": 3, "dropout": 0.2}
     straight = _train(data, teacher, tmp_path / "straight", **kw)
@@ -484,3 +485,113 @@ def test_training_runs_under_the_measured_autocast_dtype_and_keys_it(data, teach
     assert seen and set(seen) == {torch.bfloat16 if amp == "bf16" else torch.float32}  # trained again, in amp
     assert res["params"]["amp"] == amp and res["precision"]["dtype"] == amp
     assert res["fingerprint"] != first["fingerprint"]
+
+
+# ------------------------------------------------------------------------------------- width pruning (prune.py)
+def _student_and_batches(data, teacher, n=3):
+    from slimflow.tasks.students.data import ShardStream
+
+    run_dir, train, _, vocab = data
+    model, cfg = from_teacher(teacher[1], _tok(teacher[2]), vocab.itos, 2, layers=[1, 3], max_len=16, dropout=0.0)
+    stream = ShardStream(run_dir, train, mode="distilled", vocab=vocab, labels=LABELS, batch_size=8, max_len=16,
+                         shuffle=False)
+    return model, cfg, list(stream.epoch(0))[:n]
+
+
+def _kl(m, b):
+    return kl(m(torch.from_numpy(b.ids), torch.from_numpy(b.lengths)), torch.from_numpy(b.logits_t))
+
+
+def test_importance_is_the_loss_gradient_of_a_mask_on_each_head_and_neuron(data, teacher):
+    from slimflow.tasks.students.prune import importance
+
+    model, _, batches = _student_and_batches(data, teacher)
+    heads, neurons = importance(model, batches, _kl)
+    layer = model.layers[1]
+    d = layer.head_dim
+    # by hand: dL/d(xi) at xi = 1 of a multiplier xi on one head's (one neuron's) output, |.| summed over batches
+    for kind, unit, width in (("head", 2, d), ("neuron", 5, 1)):
+        total = 0.0
+        for b in batches:
+            xi = torch.ones((), requires_grad=True)
+            lin = layer.attn_out if kind == "head" else layer.ffn_out
+            param = lin.weight
+            other = torch.ones(param.size(1))  # 0 on the columns that read the unit's output
+            other[unit * width : (unit + 1) * width] = 0
+            del lin.weight  # a plain tensor in its place: the unit's columns times xi
+            lin.weight = param.detach() * other + param.detach() * (1 - other) * xi
+            (g,) = torch.autograd.grad(_kl(model, b), xi)
+            del lin.weight
+            lin.weight = param
+            total += abs(float(g))
+        got = heads[1][unit] if kind == "head" else neurons[1][unit]
+        assert float(got) == pytest.approx(total, rel=1e-4, abs=1e-9)
+
+
+def test_pruning_keeps_the_top_heads_and_neurons_and_equals_the_full_student_with_the_rest_masked(data, teacher):
+    from slimflow.tasks.students.prune import importance, prune
+    from slimflow.tasks.students.transformer import build_from_config
+
+    model, cfg, batches = _student_and_batches(data, teacher)
+    with torch.no_grad():  # a dead head (0 of layer 0) and a dead neuron (7 of layer 1) must go first
+        d = model.layers[0].head_dim
+        model.layers[0].attn_out.weight[:, :d] = 0
+        model.layers[1].ffn_out.weight[:, 7] = 0
+    heads, neurons = importance(model, batches, _kl)
+    assert heads[0][0] == 0 and neurons[1][7] == 0
+    small, small_cfg = prune(model, cfg, heads, neurons, 0.5)
+    assert (small_cfg["heads"], small_cfg["ffn"], small_cfg["head_dim"]) == (2, 32, d)
+    assert all(len(k) == 2 and k == sorted(k) for k in small_cfg["kept_heads"]) and 0 not in small_cfg["kept_heads"][0]
+    # the pruned student computes exactly what the full one does with the dropped heads' and neurons' outputs zeroed
+    masked = build_from_config(cfg)
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for i, layer in enumerate(masked.layers):
+            keep_h = set(small_cfg["kept_heads"][i])
+            for h in set(range(layer.heads)) - keep_h:
+                layer.attn_out.weight[:, h * d : (h + 1) * d] = 0
+            keep_n = set(neurons[i].topk(32).indices.tolist())
+            for n in set(range(layer.ffn_in.out_features)) - keep_n:
+                layer.ffn_out.weight[:, n] = 0
+        assert 7 not in set(neurons[1].topk(32).indices.tolist())
+        b = batches[0]
+        ids, lengths = torch.from_numpy(b.ids), torch.from_numpy(b.lengths)
+        torch.testing.assert_close(small.eval()(ids, lengths), masked.eval()(ids, lengths), atol=1e-5, rtol=1e-5)
+    # rebuilt from its config (as load_student does), it has the pruned shapes
+    again = build_from_config(small_cfg)
+    again.load_state_dict(small.state_dict())
+    assert again.layers[0].query.weight.shape == (2 * d, cfg["hidden"])
+
+
+def test_a_pruned_student_trains_exports_and_serves(data, teacher, tmp_path):
+    from slimflow.tasks.students.export import Predictor, export_student
+
+    res = _train(data, teacher, tmp_path / "t", epochs=1, width=0.5,
+                 losses={"kl": 1.0, "hidden_mse": 1.0, "attention_mse": 0.1})
+    assert res["params"]["width"] == 0.5 and set(res["history"][0]["train_parts"]) == {"kl", "hidden_mse",
+                                                                                        "attention_mse"}
+    full = _train(data, teacher, tmp_path / "f", epochs=1, losses={"kl": 1.0, "hidden_mse": 1.0, "attention_mse": 0.1})
+    assert "width" not in full["params"] and full["fingerprint"] != res["fingerprint"]
+    model, vocab, _, cfg = load_student(str(tmp_path / "t"))
+    assert (cfg["heads"], cfg["ffn"], len(cfg["kept_heads"])) == (2, 32, 2)
+    assert model.layers[0].ffn_in.weight.shape == (32, cfg["hidden"])
+    export_student(str(tmp_path / "t"), str(tmp_path / "export"), lang="en")
+    texts = ["好 w12 w3", "差 w9 w19 w0 w4", "", "w1 " * 40]
+    ids, lengths = vocab.encode_texts(texts, cfg["max_len"])
+    with torch.no_grad():
+        expect = torch.softmax(model(torch.from_numpy(ids), torch.from_numpy(lengths)), -1).numpy()
+    np.testing.assert_allclose(Predictor(str(tmp_path / "export"), backend="onnx").predict_proba(texts), expect,
+                               atol=1e-5)
+
+
+def test_width_outside_zero_to_one_is_refused_with_the_range():
+    from pydantic import ValidationError
+    from slimflow.tasks.students.prune import kept_counts
+
+    for bad in (0, 1.5):
+        with pytest.raises(ValidationError):
+            TransformerConfig(width=bad)
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            kept_counts(12, 1536, bad)
+    assert kept_counts(12, 1536, 2 / 3) == (8, 1024) and kept_counts(12, 1536, 1.0) == (12, 1536)
+    assert kept_counts(4, 64, 0.01) == (1, 1)
