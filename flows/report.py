@@ -139,6 +139,8 @@ def _f(v, fmt=".3f") -> str:
 
 def results_table(report: dict) -> list[dict]:
     """One row per model: the table in report.md and in the Prefect artifact."""
+    from slimflow.tasks.students.export import REDUCED  # the served precision named beside a student
+
     t = report.get("teacher") or {}
     rows = []
     if t:
@@ -151,8 +153,8 @@ def results_table(report: dict) -> list[dict]:
                      "macro_f1": s["baseline_macro_f1"],
                      "texts_per_s": None, "params": s["params"], "speedup": None, "gap_recovered": None,
                      "size_bytes": None})
-        # int8: the served model is the quantised one, and its accuracy is the one shown
-        served = " (int8)" if s.get("backend") == "onnx_int8" else ""
+        # int8 / bf16: the served model is that one, and its accuracy is the one shown
+        served = f" ({REDUCED[s['backend']]})" if s.get("backend") in REDUCED else ""
         rows.append({"model": f"{kind} distilled{served}", "accuracy": s["distilled_accuracy"],
                      "macro_f1": s["macro_f1"],
                      "texts_per_s": s["qps"], "params": s["params"], "speedup": s["speedup_vs_teacher"],
@@ -165,7 +167,8 @@ def render_table(report: dict) -> str:
     table = results_table(report)
     if not table:
         return ""
-    # size: the served model file (a student's ONNX, int8 for the transformer; the teacher's weights as loaded)
+    # size: the served model file (a student's ONNX, int8 or bf16 for the transformer; the teacher's weights as
+    # loaded)
     out = ["| model | test accuracy | macro-F1 | texts/s (batch 32) | params | size on disk (MB) | x teacher speed "
            "| gap recovered |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:

@@ -68,7 +68,7 @@ def evaluate_student_run(run_dir: str, train_rel: str, test: list[ShardRef], lan
     """Accuracy, macro-F1, MCC on ``test``; texts/s served; parameters; ONNX size on disk; and, per split of
     ``splits``, how many texts it reads truncated (``truncated``, see ``student_truncated``)."""
     from slimflow.tasks.students.evaluate import count_params, size_on_disk
-    from slimflow.tasks.students.export import Predictor, export_student
+    from slimflow.tasks.students.export import FILES, REDUCED, Predictor, export_student
     from slimflow.tasks.students.train import evaluate_student, load_student
 
     train_dir = join(run_dir, train_rel)
@@ -79,11 +79,11 @@ def evaluate_student_run(run_dir: str, train_rel: str, test: list[ShardRef], lan
         served = isolated(student_speed, tmp, speed_texts)
         # threads=None: the TorchScript backend would set this process's torch threads; counting only tokenises
         predictor = Predictor(tmp, threads=None)
-        # The file served: int8 ONNX where the Predictor serves it (the transformer; the BiLSTM where measured
-        # faster), else the ONNX model.
-        int8 = predictor.backend == "onnx_int8"
-        size = size_on_disk(join(tmp, "model.int8.onnx" if int8 else "model.onnx"))
-        if int8:  # the figures of the model a user gets: int8 changes some predictions; fp32's are kept beside
+        # The file served: int8 ONNX or bf16 TorchScript where the Predictor serves it (the transformer: the one
+        # its export measured faster; the BiLSTM int8 where measured faster), else the ONNX model.
+        reduced = predictor.backend in REDUCED
+        size = size_on_disk(join(tmp, FILES[predictor.backend] if reduced else FILES["onnx"]))
+        if reduced:  # the figures of the model a user gets: int8 / bf16 change some predictions; fp32's beside
             metrics = {**served_metrics(run_dir, test, predictor), "fp32": metrics}
         truncated = student_truncated(predictor, split_texts(run_dir, splits)) if splits else None
     return {**metrics, **served, "params": count_params(model), "size_bytes": size, "truncated": truncated,

@@ -28,16 +28,20 @@ from slimflow.storage.hashing import sha256_file
 from slimflow.storage.schema import UNK_ID
 from slimflow.tasks.students.vocab import Vocab, tokenizer_path
 
-FORMATS = ("onnx", "torchscript", "onnx_int8")
-FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "onnx_int8": "model.int8.onnx"}
+FORMATS = ("onnx", "torchscript", "onnx_int8", "torchscript_bf16")
+FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "onnx_int8": "model.int8.onnx",
+         "torchscript_bf16": "model.bf16.ts"}
 ONNX_BACKENDS = ("onnx", "onnx_int8")
-INT8_RECORD = "int8-choices.json"  # in a training's folder: its checkpoint's measured int8 choices (export_student)
+# The served precision of the backends that are not fp32 (the report names it beside the model).
+REDUCED = {"onnx_int8": "int8", "torchscript_bf16": "bf16"}
+INT8_RECORD = "int8-choices.json"  # in a training's folder: its checkpoint's measured int8 / served-file choices
 
 
 def default_formats(kind: str) -> tuple[str, ...]:
-    """ONNX + TorchScript; the transformer student ONNX fp32 + int8 (issue 15); the BiLSTM all three."""
+    """ONNX + TorchScript; the transformer student ONNX fp32 + int8 (issue 15) + bf16 TorchScript; the BiLSTM
+    ONNX fp32 + int8 + TorchScript."""
     if kind == "transformer":
-        return ONNX_BACKENDS
+        return (*ONNX_BACKENDS, "torchscript_bf16")
     return ("onnx", "torchscript", "onnx_int8") if kind == "bilstm" else ("onnx", "torchscript")
 
 
@@ -252,6 +256,80 @@ def export_torchscript(model, path: str) -> None:
         torch.jit.save(torch.jit.script(model.eval()), path)
 
 
+def export_torchscript_bf16(model, path: str) -> None:
+    """The transformer student in bf16 as traced TorchScript, its classifier in fp32 (``pool`` hands it fp32).
+    Traced, not scripted: the layer code (closures, a dict of activations) is not TorchScript; tracing records
+    shape-generic ops, so any batch and length run (tests check new sizes against the eager model)."""
+    import copy
+
+    import torch
+
+    served = copy.deepcopy(model).eval().to(torch.bfloat16)
+    served.out.float()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic that stays symbolic
+        traced = torch.jit.freeze(torch.jit.trace(served, _example_inputs()))
+    torch.jit.save(traced, path)
+
+
+# The served file of a transformer student is measured at export, not assumed: bf16 TorchScript (oneDNN's AMX or
+# AVX512-BF16 kernels through torch) against the int8 ONNX file (onnxruntime's VNNI / AMX-int8 kernels) on the
+# same probe batch. bf16 is served where it runs at least this much faster and deviates from fp32 no more than
+# int8 does (by DOWN_MAX_DEVIATION). Measured on the 4-layer student of the quick demo, on a 2-core Xeon with
+# AMX: see the README's transformer section.
+BF16_MIN_SPEEDUP = 1.1
+
+
+def choose_served(model, export_dir: str, n_vocab: int, max_len: int, int8: dict) -> dict:
+    """Which of ``export_dir``'s int8 ONNX and bf16 TorchScript files the Predictor serves by default: what
+    student.json records as ``serve`` (the choice, both files' seconds on the probe batch, bf16's deviation)."""
+    import torch
+
+    inputs = _probe_inputs(n_vocab, max_len)
+    with torch.inference_mode():
+        reference = _softmax(model.eval()(*(torch.from_numpy(x) for x in inputs)).float().numpy())
+    seconds = {"onnx_int8": _seconds(os.path.join(export_dir, FILES["onnx_int8"]), inputs),
+               "torchscript_bf16": _ts_seconds(os.path.join(export_dir, FILES["torchscript_bf16"]), inputs)}
+    deviation = float(abs(_ts_probabilities(os.path.join(export_dir, FILES["torchscript_bf16"]), inputs)
+                          - reference).mean())
+    int8_dev = int8["deviation"][int8["weights"]]
+    fast = seconds["onnx_int8"] >= BF16_MIN_SPEEDUP * seconds["torchscript_bf16"]
+    faithful = deviation <= DOWN_MAX_DEVIATION * max(int8_dev, 1e-6)
+    return {"backend": "torchscript_bf16" if fast and faithful else "onnx_int8",
+            "seconds": {k: round(v, 6) for k, v in seconds.items()},
+            "bf16_speedup_over_int8": round(seconds["onnx_int8"] / seconds["torchscript_bf16"], 3),
+            "deviation": {"bf16": round(deviation, 6), "int8": round(int8_dev, 6)},
+            "probe": f"{len(inputs[0])} random sequences of up to {inputs[0].shape[1]} ids"}
+
+
+def _ts_seconds(path: str, inputs, runs: int = 5) -> float:
+    """Best of ``runs`` timed calls of a TorchScript file on ``inputs``, after warm-up calls (TorchScript's
+    executor profiles and optimises its first few runs)."""
+    import time
+
+    import torch
+
+    module = torch.jit.load(path, map_location="cpu")
+    feed = [torch.from_numpy(x) for x in inputs]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            module(*feed)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            module(*feed)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _ts_probabilities(path: str, inputs):
+    import torch
+
+    with torch.inference_mode():
+        return _softmax(torch.jit.load(path, map_location="cpu")(*(torch.from_numpy(x) for x in inputs))
+                        .float().numpy())
+
+
 def export_student(train_dir: str, export_dir: str, *, lang: str,
                    formats: Iterable[str] | None = None) -> dict:
     """Export ``train_dir``'s best.pt (from train_student) into ``export_dir``; returns the student.json dict."""
@@ -263,22 +341,31 @@ def export_student(train_dir: str, export_dir: str, *, lang: str,
     record = os.path.join(train_dir, INT8_RECORD)
     ckpt = sha256_file(os.path.join(train_dir, "best.pt"))
     prior = json.loads(read_bytes(record)) if exists(record) else {}
+    same = prior.get("best_sha256") == ckpt
     meta = export_model(model, vocab, labels, cfg, export_dir, lang=lang, formats=formats,
-                        int8_prior=prior.get("int8") if prior.get("best_sha256") == ckpt else None)
-    if "int8" in meta and meta["int8"] != prior.get("int8"):
-        atomic_write_text(record, json.dumps({"best_sha256": ckpt, "int8": meta["int8"]}, indent=1))
+                        int8_prior=prior.get("int8") if same else None,
+                        serve_prior=prior.get("serve") if same else None)
+    chosen = {k: meta[k] for k in ("int8", "serve") if k in meta}
+    if chosen and chosen != {k: prior[k] for k in ("int8", "serve") if k in prior}:
+        atomic_write_text(record, json.dumps({"best_sha256": ckpt, **chosen}, indent=1))
     return meta
 
 
 def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, export_dir: str, *, lang: str,
-                 formats: Iterable[str] | None = None, int8_prior: dict | None = None) -> dict:
+                 formats: Iterable[str] | None = None, int8_prior: dict | None = None,
+                 serve_prior: dict | None = None) -> dict:
     """Export a student module (``model_config`` as in best.pt) with its vocab, labels and segmentation
-    settings. The folder is built beside ``export_dir`` and swapped in whole (storage/atomic_dir.py): student.json,
-    written last, records every file's sha256, and a kill midway leaves the previous export as it was."""
+    settings. ``int8_prior`` / ``serve_prior``: an earlier export's measured choices for the same checkpoint,
+    applied as they were (see :func:`quantize_onnx`). The folder is built beside ``export_dir`` and swapped in
+    whole (storage/atomic_dir.py): student.json, written last, records every file's sha256, and a kill midway
+    leaves the previous export as it was."""
     formats = list(formats) if formats is not None else list(default_formats(model_config["kind"]))
     for f in formats:
         if f not in FORMATS:
             raise ValueError(f"unknown export format {f!r}; choose from: {', '.join(FORMATS)}")
+    if "torchscript_bf16" in formats and model_config["kind"] != "transformer":
+        raise ValueError(f"torchscript_bf16 is the transformer student's format; a {model_config['kind']} exports "
+                         f"as {', '.join(default_formats(model_config['kind']))}")
     # A BOW is served with its first dense layer folded into the embedding table (models.FoldedBOW): the same
     # logits from a table hidden-wide instead of embed_dim-wide (half at the default sizes).
     served = model.eval().folded() if hasattr(model, "folded") else model
@@ -297,7 +384,12 @@ def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, exp
                 if "onnx" not in formats:
                     os.remove(fp32)
             else:
-                (export_onnx if f == "onnx" else export_torchscript)(served, os.path.join(tmp, FILES[f]))
+                writer = {"onnx": export_onnx, "torchscript": export_torchscript,
+                          "torchscript_bf16": export_torchscript_bf16}[f]
+                writer(served, os.path.join(tmp, FILES[f]))
+        serve = None
+        if {"onnx_int8", "torchscript_bf16"} <= set(formats) and int8:
+            serve = serve_prior or choose_served(served, tmp, len(vocab), model_config["max_len"], int8)
         vocab.save(os.path.join(tmp, "vocab.json"))
         atomic_write_text(os.path.join(tmp, "labels.json"), json.dumps(list(labels), ensure_ascii=False))
         # format 2: "files" holds every file of the folder (1: the model files only), checked by the Predictor
@@ -308,7 +400,7 @@ def export_model(model, vocab: Vocab, labels: list[str], model_config: dict, exp
                 "files": file_hashes(tmp, exclude=(META,)),
                 "inputs": {"ids": "[batch, time] int64", "lengths": "[batch] int64"},
                 "outputs": {"logits": "[batch, C]"},
-                **({"int8": int8} if int8 else {})}
+                **({"int8": int8} if int8 else {}), **({"serve": serve} if serve else {})}
         atomic_write_text(os.path.join(tmp, META), json.dumps(meta, indent=1, ensure_ascii=False))
     return meta
 
@@ -376,8 +468,8 @@ class Predictor:
             return self._sess.run(None, {"ids": ids, "lengths": lengths})[0]
         import torch
 
-        with torch.inference_mode():
-            return self._module(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
+        with torch.inference_mode():  # float(): a bf16 module hands back fp32 logits already; a no-op then
+            return self._module(torch.from_numpy(ids), torch.from_numpy(lengths)).float().numpy()
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, lengths) of raw texts, through the vocabulary's tokeniser (as in training)."""
@@ -431,7 +523,7 @@ def _read_export(model_dir: str, backend: str) -> tuple[dict, str, Vocab, list[s
     if backend == "auto":
         backend = _auto_backend(meta)
     if backend not in FORMATS:
-        raise ValueError(f"unknown backend {backend!r}; choose auto, onnx, onnx_int8 or torchscript")
+        raise ValueError(f"unknown backend {backend!r}; choose auto, {', '.join(FORMATS)}")
     if FILES[backend] not in meta["files"]:
         raise FileNotFoundError(f"{model_dir} has no {FILES[backend]}; export with formats including {backend}")
     fix = "re-run `slimflow export CONFIG --out RUN_DIR` to write the folder again"
@@ -458,10 +550,14 @@ def _read_export(model_dir: str, backend: str) -> tuple[dict, str, Vocab, list[s
 def _auto_backend(meta: dict) -> str:
     """onnxruntime for CNN/BiLSTM (faster than TorchScript here on every bench/students.py run); TorchScript for
     a BOW, whose sum of embeddings TorchScript runs as one embedding_bag while ONNX has only gather + sum.
-    int8: always for the transformer; for the BiLSTM where its export measured int8 faster than fp32 (by
+    The transformer: the file its export measured faster of int8 ONNX and bf16 TorchScript (``serve``), int8 for
+    an export without that record; the BiLSTM int8 where its export measured it faster than fp32 (by
     INT8_MIN_SPEEDUP: int8 changes ~1% of its predictions, worth it only for real speed)."""
     has_onnx = FILES["onnx"] in meta["files"] and _has_onnxruntime()
     has_ts = FILES["torchscript"] in meta["files"]
+    serve = meta.get("serve", {}).get("backend")
+    if meta["kind"] == "transformer" and serve == "torchscript_bf16" and FILES[serve] in meta["files"]:
+        return serve
     if FILES["onnx_int8"] in meta["files"] and _has_onnxruntime() and (
             meta["kind"] == "transformer"
             or (meta["kind"] == "bilstm" and meta.get("int8", {}).get("speedup", 0.0) >= INT8_MIN_SPEEDUP)):

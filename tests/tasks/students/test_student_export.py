@@ -97,6 +97,11 @@ def test_auto_backend_serves_bilstm_int8_only_where_measured_faster():
     assert auto("bilstm", INT8_MIN_SPEEDUP - 0.1) == "onnx"  # int8 flips ~1% of predictions: not for less
     assert auto("transformer", 0.5) == "onnx_int8" and auto("bow", 9.0) == "torchscript"
     assert _auto_backend({"kind": "bilstm", "files": {"model.onnx": "x"}}) == "onnx"  # an export before int8
+    # the transformer: the file its export measured faster, where that file is there
+    bf16 = {"kind": "transformer", "files": {**files, "model.bf16.ts": "x"}, "serve": {"backend": "torchscript_bf16"}}
+    assert _auto_backend(bf16) == "torchscript_bf16"
+    assert _auto_backend({**bf16, "serve": {"backend": "onnx_int8"}}) == "onnx_int8"
+    assert _auto_backend({**bf16, "files": files}) == "onnx_int8"
 
 
 def test_served_metrics_score_the_export_on_raw_test_text(exported, tmp_path):

@@ -398,7 +398,8 @@ def test_onnx_export_agrees_with_pytorch_and_the_predictor_serves_it_int8(data, 
     _train(data, teacher, tmp_path / "t", epochs=1)
     meta = export_student(str(tmp_path / "t"), str(tmp_path / "export"), lang="en")
     files = set(meta["files"])
-    assert {"model.onnx", "model.int8.onnx", "vocab.json", "vocab.tokenizer.json", "labels.json"} <= files
+    assert {"model.onnx", "model.int8.onnx", "model.bf16.ts", "vocab.json", "vocab.tokenizer.json",
+            "labels.json"} <= files
     assert "model.ts" not in files
     assert os.path.getsize(tmp_path / "export" / "model.int8.onnx") < os.path.getsize(tmp_path / "export" /
                                                                                      "model.onnx")
@@ -434,10 +435,59 @@ def test_onnx_export_agrees_with_pytorch_and_the_predictor_serves_it_int8(data, 
     fp32 = Predictor(str(tmp_path / "export"), backend="onnx")
     np.testing.assert_allclose(fp32.predict_proba(texts), expect, atol=1e-5)
     served = Predictor(str(tmp_path / "export"))
-    assert served.backend == "onnx_int8"
+    assert served.backend == meta["serve"]["backend"] in ("onnx_int8", "torchscript_bf16")  # as measured
     np.testing.assert_allclose(served.predict_proba(texts), expect, atol=0.05)
+    for backend in ("onnx_int8", "torchscript_bf16"):
+        np.testing.assert_allclose(Predictor(str(tmp_path / "export"), backend=backend).predict_proba(texts),
+                                   expect, atol=0.05)
     lines = list(predict_lines(str(tmp_path / "export"), texts[:2]))
     assert [ln.split("\t")[1] in LABELS for ln in lines] == [True, True]
+
+
+def test_the_bf16_torchscript_file_runs_new_sizes_like_the_eager_model(data, teacher, tmp_path):
+    """Traced, not scripted: the trace must not have frozen the example's batch or length."""
+    from slimflow.tasks.students import export as ex
+
+    _train(data, teacher, tmp_path / "t", epochs=1)
+    model = load_student(str(tmp_path / "t"))[0]
+    path = str(tmp_path / "model.bf16.ts")
+    ex.export_torchscript_bf16(model, path)
+    traced = torch.jit.load(path)
+    assert next(model.parameters()).dtype == torch.float32  # the export casts a copy
+    g = torch.Generator().manual_seed(0)
+    for b, t in ((1, 3), (5, 16), (3, 9)):  # up to the max_len of 16 it trained with
+        ids = torch.randint(2, model.cls_id, (b, t), generator=g)
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        with torch.inference_mode():
+            got, want = traced(ids, lengths), model(ids, lengths)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        np.testing.assert_allclose(torch.softmax(got, -1).numpy(), torch.softmax(want, -1).numpy(), atol=0.03)
+
+
+@pytest.mark.parametrize("slow", ["onnx_int8", "torchscript_bf16"])
+def test_the_served_file_is_the_one_measured_faster_and_every_export_keeps_it(data, teacher, tmp_path, monkeypatch,
+                                                                               slow):
+    from slimflow.tasks.students import export as ex
+
+    _train(data, teacher, tmp_path / "t", epochs=1)
+    monkeypatch.setattr(ex, "_seconds", lambda path, inputs: 1.0 if slow == "onnx_int8" else 0.01)
+    monkeypatch.setattr(ex, "_ts_seconds", lambda path, inputs: 1.0 if slow == "torchscript_bf16" else 0.01)
+    monkeypatch.setattr(ex, "DOWN_MAX_DEVIATION", float("inf"))  # fidelity aside: this is about speed
+    meta = ex.export_student(str(tmp_path / "t"), str(tmp_path / "e1"), lang="en")
+    fast = "torchscript_bf16" if slow == "onnx_int8" else "onnx_int8"
+    assert meta["serve"]["backend"] == fast and meta["serve"]["seconds"][slow] == 1.0
+    assert ex.Predictor(str(tmp_path / "e1")).backend == fast
+    # timings that would now choose the other: the same checkpoint keeps its first choice
+    monkeypatch.setattr(ex, "_seconds", lambda path, inputs: 0.01 if slow == "onnx_int8" else 1.0)
+    monkeypatch.setattr(ex, "_ts_seconds", lambda path, inputs: 0.01 if slow == "torchscript_bf16" else 1.0)
+    assert ex.export_student(str(tmp_path / "t"), str(tmp_path / "e2"), lang="en")["serve"] == meta["serve"]
+    # bf16 is refused where it deviates from fp32 more than int8 does, however fast
+    monkeypatch.setattr(ex, "_seconds", lambda path, inputs: 1.0)
+    monkeypatch.setattr(ex, "_ts_seconds", lambda path, inputs: 0.01)
+    monkeypatch.setattr(ex, "DOWN_MAX_DEVIATION", 0.0)
+    model = load_student(str(tmp_path / "t"))[0]
+    served = ex.choose_served(model, str(tmp_path / "e1"), model.cls_id, 16, meta["int8"])
+    assert served["backend"] == "onnx_int8" and served["deviation"]["bf16"] > 0
 
 
 def test_config_section_names_the_valid_losses_and_reads_subwords():
