@@ -275,8 +275,8 @@ def export_torchscript_bf16(model, path: str) -> None:
 # The served file of a transformer student is measured at export, not assumed: bf16 TorchScript (oneDNN's AMX or
 # AVX512-BF16 kernels through torch) against the int8 ONNX file (onnxruntime's VNNI / AMX-int8 kernels) on the
 # same probe batch. bf16 is served where it runs at least this much faster and deviates from fp32 no more than
-# int8 does (by DOWN_MAX_DEVIATION). Measured on the 4-layer student of the quick demo, on a 2-core Xeon with
-# AMX: see the README's transformer section.
+# int8 does (by DOWN_MAX_DEVIATION). On the quick demo's 4-layer students, on a 2-core Xeon with AMX: bf16 2.6-4.1x
+# int8's speed on the probe, a quarter to a tenth of its deviation, 469 against 251 texts/s served (README).
 BF16_MIN_SPEEDUP = 1.1
 
 
