@@ -17,6 +17,7 @@ teacher's subword pieces), the one the student was trained through: no tagger or
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "onnx_int8": "model.in
 ONNX_BACKENDS = ("onnx", "onnx_int8")
 # The served precision of the backends that are not fp32 (the report names it beside the model).
 REDUCED = {"onnx_int8": "int8", "torchscript_bf16": "bf16"}
+log = logging.getLogger(__name__)
 INT8_RECORD = "int8-choices.json"  # in a training's folder: its checkpoint's measured int8 / served-file choices
 
 
@@ -295,11 +297,63 @@ def choose_served(model, export_dir: str, n_vocab: int, max_len: int, int8: dict
     int8_dev = int8["deviation"][int8["weights"]]
     fast = seconds["onnx_int8"] >= BF16_MIN_SPEEDUP * seconds["torchscript_bf16"]
     faithful = deviation <= DOWN_MAX_DEVIATION * max(int8_dev, 1e-6)
-    return {"backend": "torchscript_bf16" if fast and faithful else "onnx_int8",
+    return {"backend": "torchscript_bf16" if fast and faithful else "onnx_int8", "bf16_faithful": faithful,
+            "machine": serving_machine(),
             "seconds": {k: round(v, 6) for k, v in seconds.items()},
             "bf16_speedup_over_int8": round(seconds["onnx_int8"] / seconds["torchscript_bf16"], 3),
             "deviation": {"bf16": round(deviation, 6), "int8": round(int8_dev, 6)},
             "probe": f"{len(inputs[0])} random sequences of up to {inputs[0].shape[1]} ids"}
+
+
+def serving_machine() -> dict:
+    """What a timing of the served files holds for: the CPU and the instruction sets its kernels pick from."""
+    import torch
+    from slimflow.tasks.teacher.precision import cpu_model
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
+    except OSError:
+        pass
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": sorted(flags & {"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni"})}
+
+
+def served_here(meta: dict, int8: bytes, bf16: bytes) -> dict:
+    """The ``serve`` choice re-timed on this machine, for an export timed on another: the kernels behind int8 and
+    bf16 differ by CPU (a file served bf16 on AMX would crawl where bf16 is emulated). bf16 stays refused where the
+    export found it less faithful than int8."""
+    import io
+
+    import onnxruntime as ort
+    import torch
+
+    inputs = _probe_inputs(int(meta["model"]["vocab_size"]), int(meta["max_len"]))
+    session = ort.InferenceSession(int8, providers=["CPUExecutionProvider"])
+    module = torch.jit.load(io.BytesIO(bf16), map_location="cpu")
+    seconds = {"onnx_int8": _best_of(lambda: session.run(None, dict(zip(INPUTS, inputs)))),
+               "torchscript_bf16": _best_of(lambda: module(*(torch.from_numpy(x) for x in inputs)))}
+    fast = seconds["onnx_int8"] >= BF16_MIN_SPEEDUP * seconds["torchscript_bf16"]
+    faithful = meta["serve"].get("bf16_faithful", meta["serve"]["backend"] == "torchscript_bf16")
+    return {**meta["serve"], "backend": "torchscript_bf16" if fast and faithful else "onnx_int8",
+            "seconds": {k: round(v, 6) for k, v in seconds.items()}, "machine": serving_machine()}
+
+
+def _best_of(call, runs: int = 5) -> float:
+    import time
+
+    import torch
+
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            call()
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _ts_seconds(path: str, inputs, runs: int = 5) -> float:
@@ -520,7 +574,8 @@ def _read_export(model_dir: str, backend: str) -> tuple[dict, str, Vocab, list[s
     if not exists(meta_path):
         raise FileNotFoundError(f"{model_dir} has no {META}: not an exported student (run `slimflow export`)")
     meta = json.loads(read_bytes(meta_path).decode("utf-8"))
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         backend = _auto_backend(meta)
     if backend not in FORMATS:
         raise ValueError(f"unknown backend {backend!r}; choose auto, {', '.join(FORMATS)}")
@@ -544,6 +599,13 @@ def _read_export(model_dir: str, backend: str) -> tuple[dict, str, Vocab, list[s
                                 f"its tokenizer beside it; {fix}")
     vocab = Vocab.from_json(vocab_json, tokenizer=tok.decode("utf-8") if tok is not None else None)
     labels = json.loads(read("labels.json").decode("utf-8"))
+    serve = meta.get("serve")
+    if auto and serve and serve.get("machine") not in (None, serving_machine()) and all(
+            FILES[b] in meta["files"] for b in ("onnx_int8", "torchscript_bf16")) and _has_onnxruntime():
+        meta = {**meta, "serve": served_here(meta, read(FILES["onnx_int8"]), read(FILES["torchscript_bf16"]))}
+        backend = meta["serve"]["backend"]
+        log.info("%s was exported on another machine (%s); re-timed here: serving %s (%s)", model_dir,
+                    serve["machine"].get("cpu"), backend, meta["serve"]["seconds"])
     return meta, backend, vocab, labels, read(FILES[backend])
 
 

@@ -490,6 +490,39 @@ def test_the_served_file_is_the_one_measured_faster_and_every_export_keeps_it(da
     assert served["backend"] == "onnx_int8" and served["deviation"]["bf16"] > 0
 
 
+def test_an_export_timed_on_another_machine_is_timed_again_where_it_is_served(data, teacher, tmp_path, monkeypatch):
+    import json
+
+    from slimflow.tasks.students import export as ex
+
+    _train(data, teacher, tmp_path / "t", epochs=1)
+    monkeypatch.setattr(ex, "_seconds", lambda path, inputs: 1.0)
+    monkeypatch.setattr(ex, "_ts_seconds", lambda path, inputs: 0.01)
+    monkeypatch.setattr(ex, "DOWN_MAX_DEVIATION", float("inf"))
+    export = tmp_path / "e"
+    assert ex.export_student(str(tmp_path / "t"), str(export), lang="en")["serve"]["backend"] == "torchscript_bf16"
+
+    def no_timing(call, runs=5):
+        raise AssertionError("timed again on the machine that exported it")
+
+    monkeypatch.setattr(ex, "_best_of", no_timing)
+    assert ex.Predictor(str(export)).backend == "torchscript_bf16"
+    meta = json.loads((export / "student.json").read_text())
+    meta["serve"]["machine"] = {"cpu": "another CPU", "cpu_capability": "AVX2", "flags": []}
+    (export / "student.json").write_text(json.dumps(meta))
+    timed = []
+
+    def int8_faster(call, runs=5):  # bf16 emulated there: int8 is the faster file
+        timed.append(call())
+        return 0.01 if len(timed) == 1 else 1.0
+
+    monkeypatch.setattr(ex, "_best_of", int8_faster)
+    p = ex.Predictor(str(export))
+    assert p.backend == "onnx_int8" and len(timed) == 2  # both files ran on the probe here
+    assert p.meta["serve"]["machine"] == ex.serving_machine()
+    assert ex.Predictor(str(export), backend="torchscript_bf16").backend == "torchscript_bf16"  # asked for: kept
+
+
 def test_config_section_names_the_valid_losses_and_reads_subwords():
     from pydantic import ValidationError
     from slimflow.flows.config import StudentConfig
