@@ -310,17 +310,64 @@ def main() -> None:
                   "train_rows": sum(r.rows for r in train_refs), "label_rows": sum(r.rows for r in lab.shards),
                   "train_shards": [r.path for r in train_refs], "test_texts": len(texts),
                   "speed_texts": len(speed_texts), "vocab_pieces": len(vocab), "smoke": args.smoke},
-        notes=("students: the comparison (each recipe on compare_rows for compare_epochs, same init); final: the "
-               "dev winner on train_rows for epochs, on which the goals are judged. max_len 64 rather than the "
-               "config default 128, to finish within the issue's 45 minutes on a 2-core CPU; "
-               "teacher.at_student_max_len is the teacher reading only the pieces the student reads (what the "
-               "shorter budget alone costs). Size on disk: the "
-               "served model file against the teacher's weights file; the export folder also holds the teacher's "
-               "whole tokenizer (tokenizer.json, ~17 MB for e5), recorded as size_bytes.tokenizer / folder."),
+        notes=notes(args.max_len),
         seconds={"prepare_through_label": prefix_s, "total": time.perf_counter() - t_start},
         **({"partial": partial} if (partial := _partial(args, train_refs, lab.shards)) else {}))
     print(f"\nwrote {path}")
+    if not args.smoke:
+        print(f"wrote {plot(path)}")
     tmp.cleanup()
+
+
+def notes(max_len: int) -> str:
+    budget = (f"max_len {max_len}, the config default" if max_len == 128 else
+              f"max_len {max_len} rather than the config default 128 (shorter: to finish within the issue's 45 "
+              "minutes on a 2-core CPU)")
+    return ("students: the comparison (each recipe on compare_rows for compare_epochs, same init); final: the dev "
+            f"winner on train_rows for epochs, on which the goals are judged. {budget}; teacher.at_student_max_len "
+            "is the teacher reading only the pieces the student reads (what the shorter budget alone costs). Size "
+            "on disk: the served model file against the teacher's weights file; the export folder also holds the "
+            "teacher's whole tokenizer (tokenizer.json, ~17 MB for e5), recorded as size_bytes.tokenizer / folder.")
+
+
+def plot(results_path: str) -> str:
+    """Test accuracy against served texts/s (log scale) of the teacher and every student of a results file, each
+    file the export wrote (fp32, int8, bf16) a marker of its own; written beside it as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.load(open(results_path, encoding="utf-8"))
+    t = res["teacher"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter(t["qps"], t["accuracy"], s=60, color="black")
+    ax.annotate(f"teacher ({t.get('dtype')})", (t["qps"], t["accuracy"]), textcoords="offset points",
+                xytext=(5, 5), fontsize=8)
+    markers = {"fp32": "o", "int8": "s", "bf16": "^"}
+    rows = [(f"{k} (compare)", r, "tab:grey") for k, r in res["students"].items()]
+    rows.append((f"{res['winner']['recipe']} (final)", res["final"], "tab:blue"))
+    for name, r, color in rows:
+        for k, m in markers.items():
+            if k in r:
+                ax.scatter(r[k]["qps"], r[k]["accuracy"], marker=m, color=color, s=30)
+        best = max((k for k in markers if k in r), key=lambda k: r[k]["qps"])
+        ax.annotate(name, (r[best]["qps"], r[best]["accuracy"]), textcoords="offset points", xytext=(5, -3),
+                    fontsize=6, color=color)
+    for k, m in markers.items():
+        ax.scatter([], [], marker=m, color="tab:blue", label=f"student, {k}")
+    ax.set_xscale("log")
+    ax.set_xlabel("texts/s at batch 32, raw text in (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"transformer students against the teacher ({res['machine']['cpu']}, max_len "
+                 f"{res['settings']['max_len']})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower center")
+    fig.tight_layout()
+    out = os.path.splitext(results_path)[0] + ".png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
