@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -36,6 +37,10 @@ ONNX_BACKENDS = ("onnx", "onnx_int8")
 # The served precision of the backends that are not fp32 (the report names it beside the model).
 REDUCED = {"onnx_int8": "int8", "torchscript_bf16": "bf16"}
 log = logging.getLogger(__name__)
+# torch.export (the ONNX exporter's first step), TorchScript scripting and tracing keep process-wide state and are
+# not thread-safe: the export stage runs its students' tasks on threads, and the full preset's BOW, CNN and
+# transformer exported at once failed in torch.export ("always_classified is unsupported"). One at a time.
+EXPORT_LOCK = threading.Lock()
 INT8_RECORD = "int8-choices.json"  # in a training's folder: its checkpoint's measured int8 / served-file choices
 
 
@@ -81,7 +86,7 @@ def export_onnx(model, path: str, opset: int = 18) -> None:
     # "torchvision is not installed. Skipping torchvision::nms" x4 per export: true and irrelevant here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
-    with warnings.catch_warnings():
+    with EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (torchvision ops not registered, etc.)
         program = torch.onnx.export(model.eval(), _example_inputs(), dynamo=True, input_names=list(INPUTS),
                                     output_names=["logits"], dynamic_shapes=({0: batch, 1: time}, {0: batch}),
@@ -253,7 +258,7 @@ def _probabilities(model_path: str, inputs):
 def export_torchscript(model, path: str) -> None:
     import torch
 
-    with warnings.catch_warnings():
+    with EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit deprecation notices; the scripted module works as is
         torch.jit.save(torch.jit.script(model.eval()), path)
 
@@ -268,7 +273,7 @@ def export_torchscript_bf16(model, path: str) -> None:
 
     served = copy.deepcopy(model).eval().to(torch.bfloat16)
     served.out.float()
-    with warnings.catch_warnings(), torch.inference_mode():
+    with EXPORT_LOCK, warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic that stays symbolic
         traced = torch.jit.freeze(torch.jit.trace(served, _example_inputs()))
     torch.jit.save(traced, path)

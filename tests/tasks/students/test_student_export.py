@@ -215,3 +215,29 @@ def test_a_killed_export_leaves_the_previous_folder_whole_and_the_rerun_redoes_i
     assert os.listdir(tmp_path / "export") == ["cnn"] and _snapshot(export_dir) == after
     export_student(train_dir, str(export_dir), lang="zh")
     assert os.listdir(tmp_path / "export") == ["cnn"] and _snapshot(export_dir).keys() == before.keys()
+
+
+def test_torch_export_and_tracing_run_one_at_a_time(monkeypatch, tmp_path):
+    """The export stage exports its students on threads; torch.export, scripting and tracing are not thread-safe
+    (the full preset's BOW, CNN and transformer failed together). Each runs holding the module's lock."""
+    from slimflow.tasks.students import export as ex
+    from slimflow.tasks.students.models import BOW
+
+    held = []
+
+    def record(*args, **kwargs):
+        held.append(ex.EXPORT_LOCK.locked())
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(torch.onnx, "export", record)
+    monkeypatch.setattr(torch.jit, "script", record)
+    monkeypatch.setattr(torch.jit, "trace", record)
+    model = BOW(20, 2, embed_dim=4, hidden=4, dropout=0.0)
+    for export in (ex.export_onnx, ex.export_torchscript):
+        with pytest.raises(RuntimeError, match="recorded"):
+            export(model, str(tmp_path / "m"))
+    head = torch.nn.Module()
+    head.out = torch.nn.Linear(2, 2)  # what the bf16 export keeps fp32
+    with pytest.raises(RuntimeError, match="recorded"):
+        ex.export_torchscript_bf16(head, str(tmp_path / "m"))
+    assert held == [True, True, True] and not ex.EXPORT_LOCK.locked()
