@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", choices=("quick", "full"), default="quick",
                     help="quick (default, 20-30 min on 2 cores): 10,000 unlabelled rows, n_iter 1, BOW + BiLSTM; "
                     "full: every unlabelled row, n_iter 10, BOW + CNN + BiLSTM + transformer (~20 min on 2 cores "
-                    "without the transformer, whose epochs there take ~1.5 h more; minutes on a GPU)")
+                    "without the transformer, whose two epochs add 26 min on a 2-core Xeon with AMX, ~1.5 h "
+                    "without AMX; minutes on a GPU)")
     sp.add_argument("--out", help="run directory (default: ./runs/demo-<preset>)")
     no_wait_arg(sp)
 
