@@ -232,19 +232,11 @@ def _probe_inputs(n_vocab: int, max_len: int, batch: int = 32, seed: int = 0):
 
 def _seconds(model_path: str, inputs, runs: int = 5) -> float:
     """Best of ``runs`` timed calls on ``inputs`` (after one warm-up), as the Predictor's session runs them."""
-    import time
-
     import onnxruntime as ort
 
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     feed = dict(zip(INPUTS, inputs))
-    session.run(None, feed)
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return _best_of(lambda: session.run(None, feed), runs, warmup=1)
 
 
 def _probabilities(model_path: str, inputs):
@@ -293,16 +285,17 @@ def choose_served(model, export_dir: str, n_vocab: int, max_len: int, int8: dict
     import torch
 
     inputs = _probe_inputs(n_vocab, max_len)
+    feed = [torch.from_numpy(x) for x in inputs]
+    bf16_path = os.path.join(export_dir, FILES["torchscript_bf16"])
     with torch.inference_mode():
-        reference = _softmax(model.eval()(*(torch.from_numpy(x) for x in inputs)).float().numpy())
+        reference = _softmax(model.eval()(*feed).float().numpy())
+        bf16 = _softmax(torch.jit.load(bf16_path, map_location="cpu")(*feed).float().numpy())
     seconds = {"onnx_int8": _seconds(os.path.join(export_dir, FILES["onnx_int8"]), inputs),
-               "torchscript_bf16": _ts_seconds(os.path.join(export_dir, FILES["torchscript_bf16"]), inputs)}
-    deviation = float(abs(_ts_probabilities(os.path.join(export_dir, FILES["torchscript_bf16"]), inputs)
-                          - reference).mean())
+               "torchscript_bf16": _ts_seconds(bf16_path, inputs)}
+    deviation = float(abs(bf16 - reference).mean())
     int8_dev = int8["deviation"][int8["weights"]]
-    fast = seconds["onnx_int8"] >= BF16_MIN_SPEEDUP * seconds["torchscript_bf16"]
     faithful = deviation <= DOWN_MAX_DEVIATION * max(int8_dev, 1e-6)
-    return {"backend": "torchscript_bf16" if fast and faithful else "onnx_int8", "bf16_faithful": faithful,
+    return {"backend": _faster(seconds, faithful), "bf16_faithful": faithful,
             "machine": serving_machine(),
             "seconds": {k: round(v, 6) for k, v in seconds.items()},
             "bf16_speedup_over_int8": round(seconds["onnx_int8"] / seconds["torchscript_bf16"], 3),
@@ -339,20 +332,27 @@ def served_here(meta: dict, int8: bytes, bf16: bytes) -> dict:
     module = torch.jit.load(io.BytesIO(bf16), map_location="cpu")
     seconds = {"onnx_int8": _best_of(lambda: session.run(None, dict(zip(INPUTS, inputs)))),
                "torchscript_bf16": _best_of(lambda: module(*(torch.from_numpy(x) for x in inputs)))}
-    fast = seconds["onnx_int8"] >= BF16_MIN_SPEEDUP * seconds["torchscript_bf16"]
     faithful = meta["serve"].get("bf16_faithful", meta["serve"]["backend"] == "torchscript_bf16")
-    return {**meta["serve"], "backend": "torchscript_bf16" if fast and faithful else "onnx_int8",
+    return {**meta["serve"], "backend": _faster(seconds, faithful),
             "seconds": {k: round(v, 6) for k, v in seconds.items()}, "machine": serving_machine()}
 
 
-def _best_of(call, runs: int = 5) -> float:
+def _faster(seconds: dict[str, float], bf16_faithful: bool) -> str:
+    """The backend to serve from both files' probe seconds: bf16 where faithful and BF16_MIN_SPEEDUP faster."""
+    fast = seconds["onnx_int8"] >= BF16_MIN_SPEEDUP * seconds["torchscript_bf16"]
+    return "torchscript_bf16" if fast and bf16_faithful else "onnx_int8"
+
+
+def _best_of(call, runs: int = 5, warmup: int = 3) -> float:
+    """Best of ``runs`` timed ``call()``s after ``warmup`` untimed ones (TorchScript's executor profiles and
+    optimises its first few runs)."""
     import time
 
     import torch
 
     best = float("inf")
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(warmup):
             call()
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -361,32 +361,13 @@ def _best_of(call, runs: int = 5) -> float:
     return best
 
 
-def _ts_seconds(path: str, inputs, runs: int = 5) -> float:
-    """Best of ``runs`` timed calls of a TorchScript file on ``inputs``, after warm-up calls (TorchScript's
-    executor profiles and optimises its first few runs)."""
-    import time
-
+def _ts_seconds(path: str, inputs) -> float:
+    """Best timed call of a TorchScript file on ``inputs`` (:func:`_best_of`)."""
     import torch
 
     module = torch.jit.load(path, map_location="cpu")
     feed = [torch.from_numpy(x) for x in inputs]
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(3):
-            module(*feed)
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            module(*feed)
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _ts_probabilities(path: str, inputs):
-    import torch
-
-    with torch.inference_mode():
-        return _softmax(torch.jit.load(path, map_location="cpu")(*(torch.from_numpy(x) for x in inputs))
-                        .float().numpy())
+    return _best_of(lambda: module(*feed))
 
 
 def export_student(train_dir: str, export_dir: str, *, lang: str,
